@@ -1,0 +1,37 @@
+"""Shared command-line glue for stage entry points (not library code)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Sequence
+
+from diffmodels.errors import DiffmodelsError
+
+
+def stage_main(fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> Callable:
+    """Wrap a stage: parse arguments, turn user errors into one line on stderr and exit code 2.
+
+    Bugs (any other exception) keep their traceback; Ctrl-C exits 130.
+    """
+
+    @functools.wraps(fn)
+    def main(argv: Sequence[str] | None = None) -> None:
+        args = parser.parse_args(argv)
+        try:
+            fn(args)
+        except DiffmodelsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return main
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    return parser

@@ -1,0 +1,108 @@
+"""Stage prepare: dataset -> data/prepared (split arrays), data/masks (evaluation masks), reports.
+
+    python -m stages.prepare --prepared data/prepared --masks data/masks --reports reports/prepare
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from tqdm import tqdm
+
+from diffmodels import data, tracking
+from diffmodels.config import load_params
+from diffmodels.errors import DataError
+from diffmodels.images import make_grid, save_png
+from diffmodels.io import atomic_dir, write_json, write_text
+from diffmodels.masks import write_mask_sets
+from stages._cli import base_parser, stage_main
+
+GROUPS = ("seed", "data")
+
+parser = base_parser(__doc__.splitlines()[0])
+parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+parser.add_argument("--masks", type=Path, default=Path("data/masks"))
+parser.add_argument("--reports", type=Path, default=Path("reports/prepare"))
+parser.add_argument("--raw", type=Path, default=Path("data/raw/fashion-mnist"), help="download cache")
+
+
+def skipped_csv(rows: list[data.Skipped]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "reason", "detail"])
+    writer.writerows([r.path, r.reason, r.detail] for r in rows)
+    return buf.getvalue()
+
+
+def run(args) -> None:
+    params = load_params(args.params)
+    p, seed = params.data, params.seed
+    started = time.perf_counter()
+    with tracking.stage_run("prepare", params, GROUPS):
+        bar = lambda it: tqdm(it, desc="decode", unit="img", leave=False, mininterval=1.0)  # noqa: E731
+        if p.dataset == "fashion_mnist":
+            collected = data.collect_fashion_mnist(args.raw, p.labels, p.resolution, p.channels, progress=bar)
+        else:
+            collected = data.collect_folder(Path(p.source), p.labels, p.resolution, p.channels, progress=bar)
+
+        # The skip report is written even when too few images remain: it says why.
+        write_text(args.reports / "skipped.csv", skipped_csv(collected.skipped))
+        usable = len(collected.images) + (len(collected.test.images) if collected.test else 0)
+        if usable < p.min_images:
+            raise DataError(
+                f"only {usable} usable images in {collected.description} ({len(collected.skipped)} skipped, "
+                f"see {args.reports / 'skipped.csv'}); data.min_images is {p.min_images}"
+            )
+
+        splits = data.make_splits(collected, p, seed)
+        for name, split in splits.items():
+            if len(split.images) == 0:
+                raise DataError(f"the {name} split is empty ({usable} usable images); lower data.{name}_fraction caps or add images")
+        info = {"source": collected.description, "skipped": len(collected.skipped), "seed": seed}
+        with atomic_dir(args.prepared) as tmp:
+            manifest = data.write_prepared(tmp, splits, collected.class_names, info)
+        n_masks = min(p.masks_per_set, len(splits["test"].images))
+        with atomic_dir(args.masks) as tmp:
+            mask_manifest = write_mask_sets(tmp, p.mask_sets, n_masks, p.resolution, seed)
+
+        preview = splits["train"].images[: p.preview_images]
+        save_png(args.reports / "preview.png", make_grid(np.asarray(preview)))
+
+        reasons = Counter(s.reason for s in collected.skipped)
+        metrics = {
+            **{f"num_{name}": count for name, count in manifest["counts"].items()},
+            "num_classes": len(collected.class_names),
+            "num_skipped": len(collected.skipped),
+            "skipped_by_reason": dict(sorted(reasons.items())),
+            "train_pixel_mean": float(np.asarray(splits["train"].images).mean() / 255.0),
+            "mask_hole_fraction": {k: round(v["mean_hole_fraction"], 6) for k, v in mask_manifest["sets"].items()},
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_json(args.reports / "metrics.json", metrics)
+
+        flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        flat.update({f"mask_hole_fraction.{k}": v for k, v in metrics["mask_hole_fraction"].items()})
+        mlflow.log_metrics(flat)
+        for path in (args.reports / "metrics.json", args.reports / "skipped.csv", args.prepared / "manifest.json"):
+            mlflow.log_artifact(str(path))
+        if params.tracking.log_images:
+            mlflow.log_artifact(str(args.reports / "preview.png"))
+
+    counts = manifest["counts"]
+    print(
+        f"prepare: {counts['train']} train / {counts['val']} val / {counts['test']} test images at "
+        f"{p.resolution}px x{p.channels}, {len(collected.class_names)} classes, {len(collected.skipped)} skipped, "
+        f"{len(p.mask_sets)} mask sets x {n_masks} ({metrics['seconds']:.1f}s)"
+    )
+
+
+main = stage_main(run, parser)
+
+if __name__ == "__main__":
+    main()
