@@ -88,7 +88,7 @@ class DataParams:
     dataset: Literal["fashion_mnist", "folder"]
     source: str | None
     labels: bool
-    resolution: Annotated[int, Range(ge=8, le=1024, multiple_of=8)]
+    resolution: Annotated[int, Range(ge=16, le=1024, multiple_of=8)]  # >= 2 latent tiles a side
     channels: Literal[1, 3]
     val_fraction: Fraction
     test_fraction: Fraction

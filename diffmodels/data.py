@@ -151,13 +151,13 @@ def collect_fashion_mnist(
     resolution: int,
     channels: int,
     system_dir: Path = FASHION_MNIST_SYSTEM_DIR,
-    progress: Callable[[Iterable], Iterable] = iter,
+    progress: Callable[[Iterable, int], Iterable] = lambda it, total: it,
 ) -> Collected:
     raw = fashion_mnist_payloads(cache_dir, system_dir)
     arrays = {name: read_idx(payload) for name, payload in raw.items()}
 
     def conform_all(images: np.ndarray) -> np.ndarray:
-        return np.stack([conform(Image.fromarray(im, mode="L"), resolution, channels) for im in progress(images)])
+        return np.stack([conform(Image.fromarray(im), resolution, channels) for im in progress(images, len(images))])
 
     def label_ids(name: str) -> np.ndarray:
         ids = arrays[name].astype(np.int16)
@@ -188,10 +188,10 @@ class BadImage(Exception):
 def _to_8bit(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img).astype(np.float64)
-        return Image.fromarray(np.clip(np.round(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(np.round(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8))
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
     if img.mode == "1":
         return img.convert("L")
     return img
@@ -272,7 +272,7 @@ def scan_folder(source: Path, labels: bool) -> tuple[list[tuple[Path, str | None
 
 
 def collect_folder(
-    source: Path, labels: bool, resolution: int, channels: int, progress: Callable[[Iterable], Iterable] = iter
+    source: Path, labels: bool, resolution: int, channels: int, progress: Callable[[Iterable, int], Iterable] = lambda it, total: it
 ) -> Collected:
     candidates, skipped = scan_folder(source, labels)
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never half-read
@@ -284,7 +284,7 @@ def collect_folder(
             return bad
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
-        results = list(progress(pool.map(attempt, [p for p, _ in candidates])))
+        results = list(progress(pool.map(attempt, [p for p, _ in candidates]), len(candidates)))
 
     class_names = sorted({name for _, name in candidates if name is not None})
     class_index = {name: i for i, name in enumerate(class_names)}
@@ -356,6 +356,7 @@ def sha256_file(path: Path) -> str:
 
 def write_prepared(out_dir: Path, splits: dict[str, Split], class_names: list[str], info: dict[str, Any]) -> dict[str, Any]:
     """Write the split arrays and ``manifest.json`` into ``out_dir`` (which must be empty/new)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, split in splits.items():
         for kind, array in (("images", split.images), ("labels", split.labels)):

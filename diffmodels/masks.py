@@ -137,7 +137,7 @@ def write_mask_sets(out_dir: Path, names: tuple[str, ...], count: int, size: int
         masks = make_mask_set(name, count, size, seed)
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         for i, hole in enumerate(masks):
-            Image.fromarray(hole.astype(np.uint8) * 255, mode="L").save(out_dir / name / f"{i:05d}.png")
+            Image.fromarray(hole.astype(np.uint8) * 255).save(out_dir / name / f"{i:05d}.png")
         sets[name] = {"count": int(count), "mean_hole_fraction": float(masks.mean())}
     manifest = {
         "format": "diffmodels-masks/1",

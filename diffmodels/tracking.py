@@ -183,7 +183,8 @@ def stage_run(stage: str, params: Params, groups: Iterable[str]) -> Iterator[Any
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema-migration chatter on a new db
+    for noisy in ("alembic", "mlflow.store.db.utils"):  # schema-creation chatter on a new store
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     root = project_root()
     uri = tracking_uri(root)
     _check_reachable(uri)

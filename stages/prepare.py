@@ -45,7 +45,9 @@ def run(args) -> None:
     p, seed = params.data, params.seed
     started = time.perf_counter()
     with tracking.stage_run("prepare", params, GROUPS):
-        bar = lambda it: tqdm(it, desc="decode", unit="img", leave=False, mininterval=1.0)  # noqa: E731
+        def bar(items, total):  # progress on a terminal, silent in logs and pipes
+            return tqdm(items, total=total, desc="decode", unit="img", leave=False, mininterval=1.0, disable=None)
+
         if p.dataset == "fashion_mnist":
             collected = data.collect_fashion_mnist(args.raw, p.labels, p.resolution, p.channels, progress=bar)
         else:

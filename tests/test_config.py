@@ -1,0 +1,113 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from diffmodels.config import Params, flatten, load_params, parse_params
+from diffmodels.errors import ParamsError
+from tests.conftest import ROOT, params_with
+
+
+def error_of(overrides=None, mutate=None) -> str:
+    raw = params_with(overrides)
+    if mutate:
+        mutate(raw)
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw, source="params.yaml")
+    return str(info.value)
+
+
+def test_shipped_params_validate():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.resolution % 8 == 0
+    assert params.data.mask_sets == tuple(params.data.mask_sets)  # lists become tuples (frozen)
+
+
+def test_unknown_key_suggests_closest_dotted_name():
+    msg = error_of(mutate=lambda r: r["data"].update(resolutoin=32))
+    assert msg == "params.yaml: unknown key 'data.resolutoin' (did you mean 'data.resolution'?)"
+
+
+def test_unknown_top_level_key_suggested():
+    msg = error_of(mutate=lambda r: r.update(sed=1))
+    assert msg == "params.yaml: unknown key 'sed' (did you mean 'seed'?)"
+
+
+def test_unknown_key_without_close_match_has_no_suggestion():
+    msg = error_of(mutate=lambda r: r["data"].update(zzzzzz=1))
+    assert msg == "params.yaml: unknown key 'data.zzzzzz'"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"data.resolution": 30}, "data.resolution must be >= 16, <= 1024, a multiple of 8 (got 30: not a multiple of 8)"),
+        ({"data.resolution": 2048}, "data.resolution must be >= 16, <= 1024, a multiple of 8 (got 2048: not <= 1024)"),
+        ({"data.resolution": "64"}, "data.resolution must be an integer (>= 16, <= 1024, a multiple of 8) (got '64')"),
+        ({"data.resolution": True}, "data.resolution must be an integer"),
+        ({"data.labels": "yes"}, "data.labels must be true or false (got 'yes')"),
+        ({"data.channels": 2}, "data.channels must be one of 1, 3; got 2"),
+        ({"data.dataset": "fashion-mnist"}, "(did you mean 'fashion_mnist'?)"),
+        ({"data.val_fraction": 1.5}, "data.val_fraction must be >= 0, < 1 (got 1.5: not < 1)"),
+        ({"data.val_fraction": float("nan")}, "data.val_fraction must be a finite number"),
+        ({"data.max_train": 0}, "data.max_train must be >= 1 (got 0: not >= 1)"),
+        ({"data.mask_sets": ["centre_aligned", "halfaligned"]}, "data.mask_sets[1] must be one of"),
+        ({"data.mask_sets": "centre_aligned"}, "data.mask_sets must be a list (got 'centre_aligned')"),
+        ({"data": 5}, "data must be a mapping of keys to values (got 5)"),
+        ({"seed": -1}, "seed must be >= 0"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(overrides, expected):
+    msg = error_of(overrides)
+    assert expected in msg
+    assert msg.count("\n") == 0, "one problem -> one line"
+
+
+def test_missing_key_is_reported_with_expected_type():
+    msg = error_of(mutate=lambda r: r["data"].pop("channels"))
+    assert msg == "params.yaml: missing key 'data.channels' (expected one of 1, 3)"
+
+
+def test_cross_field_checks():
+    assert "data.source must name a folder" in error_of({"data.dataset": "folder", "data.source": None})
+    assert "data.val_fraction + data.test_fraction must be < 1" in error_of(
+        {"data.val_fraction": 0.6, "data.test_fraction": 0.5}
+    )
+
+
+def test_every_problem_is_listed_one_per_line():
+    msg = error_of({"data.resolution": 30, "data.channels": 2}, mutate=lambda r: r.update(sed=1))
+    lines = msg.splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith("params.yaml: ") for line in lines)
+
+
+def test_yaml_1_1_exponent_strings_are_numbers():
+    params = parse_params(params_with({"data.val_fraction": "5e-2"}))
+    assert params.data.val_fraction == pytest.approx(0.05)
+
+
+def test_load_params_reports_yaml_syntax_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: line \d+"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_flatten_uses_dotted_names_and_filters_groups():
+    params = parse_params(params_with())
+    flat = flatten(params, groups=("seed", "data"))
+    assert flat["seed"] == params.seed
+    assert flat["data.resolution"] == params.data.resolution
+    assert isinstance(flat["data.mask_sets"], str)
+    assert not any(k.startswith("tracking.") for k in flat)
+    every = flatten(params)
+    assert "tracking.experiment" in every
+
+
+def test_params_yaml_declares_every_schema_group():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(raw) == {f.name for f in dataclasses.fields(Params)}
