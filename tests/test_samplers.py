@@ -1,0 +1,148 @@
+"""Samplers against analytic cases and whole diffusers trajectories with the same noise."""
+
+import math
+
+import pytest
+import torch
+
+from diffmodels.samplers import classifier_free_guidance, ddim_steps, ddim_timesteps, ddpm_steps, run
+from diffmodels.schedule import NoiseSchedule
+
+
+def toy_model(x, t):
+    """A deterministic stand-in network: smooth in x, varies with t."""
+    tf = t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.3 * torch.tanh(x) + 0.1 * torch.sin(tf / 37.0) * x + 0.05
+
+
+def gaussian_oracle(schedule, s2):
+    """Exact eps-prediction for data z_0 ~ N(0, s2 I): E[eps | z_t] = sqrt(1-a) z_t / (a s2 + 1 - a)."""
+
+    def fn(x, t):
+        a = schedule.alpha_bar[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return (1 - a).sqrt() * x / (a * s2 + 1 - a)
+
+    return fn
+
+
+def test_progressive_generator_yields_every_step():
+    s = NoiseSchedule.from_kind("linear", 20)
+    x = torch.randn(2, 3)
+    steps = list(ddpm_steps(toy_model, x, s, generator=torch.Generator().manual_seed(0)))
+    assert [st.t for st in steps] == list(range(20, 0, -1))
+    assert [st.t_prev for st in steps] == list(range(19, -1, -1))
+    assert all(st.x.shape == x.shape and st.x0.shape == x.shape for st in steps)
+    again = run(ddpm_steps(toy_model, x, s, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(again, steps[-1].x), "same generator seed -> same sample"
+
+
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_ddpm_with_a_point_mass_oracle_lands_exactly_on_it(variance):
+    """If the data is one point c, the exact eps-predictor makes x0_hat = c and z_0 = c."""
+    s = NoiseSchedule.from_kind("linear", 100)
+    c = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+
+    def oracle(x, t):
+        a = s.alpha_bar[t].reshape(-1, 1)
+        return (x - a.sqrt() * c) / (1 - a).sqrt()
+
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = run(ddpm_steps(oracle, x, s, variance=variance, generator=torch.Generator().manual_seed(2)))
+    assert torch.allclose(out, c.expand(4, 3), atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_exact_score_for_gaussian_data_recovers_its_variance(sampler):
+    s = NoiseSchedule.from_kind("linear", 1000)
+    s2 = 0.25
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20000, 1, dtype=torch.float64, generator=g)
+    if sampler == "ddpm":
+        out = run(ddpm_steps(gaussian_oracle(s, s2), x, s, variance="posterior", generator=g))
+    else:
+        out = run(ddim_steps(gaussian_oracle(s, s2), x, s, num_steps=100, eta=0.0))
+    assert out.mean().abs() < 0.02
+    assert out.var().item() == pytest.approx(s2, rel=0.05)
+
+
+def test_ddim_timesteps_trailing():
+    assert ddim_timesteps(5, 1000) == [1000, 800, 600, 400, 200]
+    assert ddim_timesteps(1000, 1000) == list(range(1000, 0, -1))
+    with pytest.raises(ValueError, match="1..1000"):
+        ddim_timesteps(0, 1000)
+
+
+def test_classifier_free_guidance_formula_and_single_batched_call():
+    calls = []
+
+    def model(x, t, y):
+        calls.append(len(x))
+        return x * 0 + y.to(x.dtype).reshape(-1, 1)  # output = the label, so guidance is visible
+
+    x, t, y = torch.zeros(3, 2), torch.ones(3, dtype=torch.long), torch.tensor([2, 4, 6])
+    guided = classifier_free_guidance(model, y, null_label=10, scale=3.0)(x, t)
+    assert calls == [6], "conditional and unconditional halves in one call"
+    assert torch.allclose(guided, (10 + 3.0 * (y - 10)).float().reshape(-1, 1).expand(3, 2))
+    assert torch.allclose(classifier_free_guidance(model, y, 10, 0.0)(x, t), torch.full((3, 2), 10.0))
+    assert torch.allclose(classifier_free_guidance(model, y, 10, 1.0)(x, t), y.float().reshape(-1, 1).expand(3, 2))
+
+
+# ---- whole trajectories against diffusers -------------------------------------------------
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def patch64(ref, schedule):
+    """Run a diffusers scheduler on our float64 betas (its own arrays are float32)."""
+    ref.betas = schedule.betas[1:].clone()
+    ref.alphas = 1.0 - ref.betas
+    ref.alphas_cumprod = torch.cumprod(ref.alphas, dim=0)
+    if hasattr(ref, "final_alpha_cumprod"):
+        ref.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    return ref
+
+
+@pytest.mark.parametrize("variance, ref_variance", [("beta", "fixed_large"), ("posterior", "fixed_small")])
+@pytest.mark.parametrize("prediction, ref_prediction", [("eps", "epsilon"), ("v", "v_prediction")])
+def test_ddpm_trajectory_matches_diffusers(variance, ref_variance, prediction, ref_prediction):
+    T = 50
+    s = NoiseSchedule.from_kind("linear", T, 1e-3, 0.2)
+    ref = patch64(
+        diffusers.DDPMScheduler(num_train_timesteps=T, clip_sample=False, variance_type=ref_variance,
+                                prediction_type=ref_prediction),
+        s,
+    )
+    ref.set_timesteps(T)
+    x_T = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    ours = list(ddpm_steps(toy_model, x_T, s, prediction=prediction, variance=variance,
+                           generator=torch.Generator().manual_seed(1)))
+    g, x = torch.Generator().manual_seed(1), x_T
+    for k, step in zip(ref.timesteps.tolist(), ours):
+        assert step.t == k + 1
+        x = ref.step(toy_model(x, torch.full((2,), k + 1)), k, x, generator=g).prev_sample
+        assert (step.x - x).abs().max() < 1e-10, f"t={step.t}"
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_trajectory_matches_diffusers(eta):
+    T, S = 1000, 20
+    s = NoiseSchedule.from_kind("linear", T)
+    ref = patch64(
+        diffusers.DDIMScheduler(num_train_timesteps=T, clip_sample=False, set_alpha_to_one=True,
+                                timestep_spacing="trailing", steps_offset=0),
+        s,
+    )
+    ref.set_timesteps(S)
+    assert [k + 1 for k in ref.timesteps.tolist()] == ddim_timesteps(S, T)
+    x_T = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    ours = list(ddim_steps(toy_model, x_T, s, num_steps=S, eta=eta, generator=torch.Generator().manual_seed(5)))
+    g, x = torch.Generator().manual_seed(5), x_T
+    for i, (k, step) in enumerate(zip(ref.timesteps.tolist(), ours)):
+        last = i == S - 1
+        noise = None if (eta == 0 or last) else torch.randn(x.shape, generator=g, dtype=x.dtype)
+        out = ref.step(toy_model(x, torch.full((2,), k + 1)), k, x, eta=eta, variance_noise=noise)
+        x = out.prev_sample if not last else out.pred_original_sample  # diffusers' last step lands on alpha_bar = 1
+        assert (step.x - x).abs().max() < 1e-10, f"t={step.t}: {(step.x - x).abs().max()}"
+    assert ours[-1].t_prev == 0 and torch.allclose(ours[-1].x, ours[-1].x0)
