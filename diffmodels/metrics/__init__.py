@@ -1,0 +1,1 @@
+"""Evaluation metrics: FID/KID (``fid``); leakage, seam and fidelity metrics join here."""

@@ -1,0 +1,90 @@
+"""FID/KID with the standard InceptionV3: preprocessing, features and metric sanity."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, fid_kid, inception_features, resize_bilinear_tf1
+
+
+def test_tf1_bilinear_resize_hand_computed():
+    # 2x2 -> 4x4: source coordinate = dst * 2/4 = 0, 0.5, 1, 1.5 (the last clamped to the border)
+    x = torch.tensor([[0.0, 4.0], [8.0, 12.0]]).reshape(1, 1, 2, 2)
+    expected = torch.tensor(
+        [
+            [0.0, 2.0, 4.0, 4.0],
+            [4.0, 6.0, 8.0, 8.0],
+            [8.0, 10.0, 12.0, 12.0],
+            [8.0, 10.0, 12.0, 12.0],
+        ]
+    )
+    assert torch.equal(resize_bilinear_tf1(x, 4)[0, 0], expected)
+    # 3 -> 2: coordinates 0 and 1.5 (no half-pixel centres): [a, (b + c) / 2]
+    y = torch.tensor([1.0, 3.0, 7.0]).reshape(1, 1, 1, 3).expand(1, 1, 3, 3)
+    assert torch.equal(resize_bilinear_tf1(y, 2)[0, 0, 0], torch.tensor([1.0, 5.0]))
+    z = torch.rand(2, 3, 5, 5)
+    assert torch.equal(resize_bilinear_tf1(z, 5), z)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return InceptionFeatures()
+
+
+def blobs(n, seed, size=32):
+    """Smooth random Gaussian blobs: a stand-in for a dataset of real images."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((n, size, size, 3), np.uint8)
+    for i in range(n):
+        img = np.zeros((size, size))
+        for _ in range(3):
+            cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(3, 8)]
+            img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
+        out[i] = (255 * np.clip(img, 0, 1))[:, :, None].astype(np.uint8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def features(extractor):
+    noise = np.random.default_rng(9).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    return {name: inception_features(imgs, extractor) for name, imgs in
+            (("a", blobs(8, 0)), ("b", blobs(8, 1)), ("noise", noise))}
+
+
+def test_preprocessing_and_features_equal_the_torchscript_network(extractor):
+    gray = torch.randint(0, 256, (2, 1, 20, 20), dtype=torch.uint8)
+    x = extractor.preprocess(gray)
+    assert x.shape == (2, 3, 299, 299)
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2]), "grayscale repeated"
+    ends = torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
+    ends[..., 150:] = 255
+    scaled = extractor.preprocess(ends)  # already 299: no resampling, only (x - 128) / 128
+    assert scaled.min() == -1.0 and scaled.max() == 127 / 128
+    manual = extractor.net(((resize_bilinear_tf1(gray.float().repeat(1, 3, 1, 1), 299)) - 128) / 128)
+    feats = inception_features(gray.permute(0, 2, 3, 1).numpy(), extractor)
+    assert feats.shape == (2, 2048)
+    assert torch.allclose(feats, manual.double().flatten(1), atol=1e-6)
+
+
+def test_fid_of_a_set_with_itself_is_zero(features):
+    result = fid_kid(features["a"], features["a"], kid_subset_size=4)
+    assert abs(result["fid"]) < 1e-2
+    assert result["extractor"] == EXTRACTOR
+
+
+def test_similar_sets_are_far_closer_than_noise(features):
+    same_kind = fid_kid(features["a"], features["b"], kid_subset_size=4)
+    vs_noise = fid_kid(features["a"], features["noise"], kid_subset_size=4)
+    assert same_kind["fid"] > 0
+    assert vs_noise["fid"] > 3 * same_kind["fid"]
+    assert vs_noise["kid_mean"] > same_kind["kid_mean"]
+    assert np.isfinite(same_kind["kid_std"])
+
+
+def test_kid_is_reproducible_and_small_sets_are_refused(features):
+    one = fid_kid(features["a"], features["b"], kid_subset_size=3, seed=5)
+    two = fid_kid(features["a"], features["b"], kid_subset_size=3, seed=5)
+    assert one["kid_mean"] == two["kid_mean"]
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fid_kid(features["a"][:1], features["b"])
