@@ -1,0 +1,236 @@
+"""Time-conditioned denoiser UNet for latents (SPEC 5.3).
+
+    eps_hat = UNet(z_t, t, labels)        z_t (B, C, H, W), t (B,) int in 1..T, labels (B,) int
+
+Levels run from the latent resolution (level 0) down by 2x per level. Each level has
+``blocks_per_level`` residual blocks (GroupNorm + SiLU, timestep embedding added between the two
+convolutions); a *context block* follows each residual block at the resolutions listed in
+``mixer_resolutions``, chosen by ``mixer``:
+
+    serpentine  multi-direction snake-scan state-space block (diffmodels.serpentine); path
+                families alternate rows / cols from one context block to the next
+    attention   multi-head self-attention over all H*W positions (the standard baseline)
+    none        nothing: a pure convolutional UNet
+
+The middle (lowest resolution) is res -> context -> res, with context whenever the mixer is
+not 'none'. Class conditioning adds a label embedding to the timestep embedding; label
+``num_classes`` is the null label used for classifier-free guidance.
+
+The network knows nothing of the noise schedule (STYLE rule 3): it maps (z_t, t) to an output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffmodels.serpentine import SerpentineBlock, default_family
+
+Mixer = Literal["serpentine", "attention", "none"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int  # latent channels
+    latent_size: int  # latent side (H = W) the network is built for
+    base_channels: int
+    channel_mults: tuple[int, ...]
+    blocks_per_level: int
+    mixer: Mixer
+    mixer_resolutions: tuple[int, ...]  # latent sides that get context blocks (and always the middle)
+    num_classes: int  # 0 = unconditional
+    dropout: float = 0.0
+    norm_groups: int = 8
+    attention_heads: int = 4
+    serpentine_directions: int = 2
+    serpentine_merge: str = "mean"
+    serpentine_state: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        d = dict(d)
+        d["channel_mults"] = tuple(d["channel_mults"])
+        d["mixer_resolutions"] = tuple(d["mixer_resolutions"])
+        return cls(**d)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        return tuple(self.latent_size // 2**i for i in range(len(self.channel_mults)))
+
+    def check(self) -> None:
+        levels = len(self.channel_mults)
+        if self.latent_size % 2 ** (levels - 1):
+            raise ValueError(
+                f"latent size {self.latent_size} must be divisible by 2^{levels - 1} = {2 ** (levels - 1)} "
+                f"for {levels} UNet levels (change ddpm.channel_mults or data.resolution)"
+            )
+        unknown = sorted(set(self.mixer_resolutions) - set(self.resolutions))
+        if unknown:
+            raise ValueError(
+                f"ddpm.mixer_resolutions lists {unknown}, but the UNet's levels are "
+                f"{list(self.resolutions)} for {self.latent_size}x{self.latent_size} latents"
+            )
+        for mult in self.channel_mults:
+            if (self.base_channels * mult) % self.norm_groups:
+                raise ValueError(f"channels {self.base_channels * mult} must be a multiple of norm groups {self.norm_groups}")
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (B,) steps -> (B, dim) (Vaswani et al. 2017; DDPM appendix B)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise a residual branch's last layer so each block starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual (PyTorch's fused SDPA)."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels {channels} must be a multiple of attention heads {heads}")
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        # (B, nh, hs, L) -> (B, nh, L, hs)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        config.check()
+        self.config = cfg = config
+        ch = [cfg.base_channels * m for m in cfg.channel_mults]
+        emb_dim = 4 * cfg.base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes > 0 else None
+        self._n_context = 0
+
+        self.stem = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        skips = [ch[0]]
+        c = ch[0]
+        for level, (c_out, res) in enumerate(zip(ch, cfg.resolutions)):
+            for _ in range(cfg.blocks_per_level):
+                self.down.append(self._stage(c, c_out, res, emb_dim))
+                c = c_out
+                skips.append(c)
+            if level < len(ch) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+
+        self.mid = nn.ModuleList([
+            ResBlock(c, c, emb_dim, cfg.norm_groups, cfg.dropout),
+            self._context(c, force=True),
+            ResBlock(c, c, emb_dim, cfg.norm_groups, cfg.dropout),
+        ])
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(ch))):
+            for _ in range(cfg.blocks_per_level + 1):
+                self.up.append(self._stage(c + skips.pop(), ch[level], cfg.resolutions[level], emb_dim))
+                c = ch[level]
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+        assert not skips
+
+        self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, c), nn.SiLU(), _zero(nn.Conv2d(c, cfg.in_channels, 3, padding=1)))
+
+    def _context(self, channels: int, force: bool = False, resolution: int | None = None) -> nn.Module:
+        cfg = self.config
+        if cfg.mixer == "none" or not (force or resolution in cfg.mixer_resolutions):
+            return nn.Identity()
+        if cfg.mixer == "attention":
+            return AttentionBlock(channels, cfg.attention_heads, cfg.norm_groups)
+        block = SerpentineBlock(
+            channels,
+            directions=cfg.serpentine_directions,
+            family=default_family(self._n_context),
+            merge=cfg.serpentine_merge,
+            d_state=cfg.serpentine_state,
+            headdim=min(32, 2 * channels),
+            norm_groups=cfg.norm_groups,
+        )
+        self._n_context += 1
+        return block
+
+    def _stage(self, c_in: int, c_out: int, resolution: int, emb_dim: int) -> nn.ModuleList:
+        cfg = self.config
+        return nn.ModuleList([
+            ResBlock(c_in, c_out, emb_dim, cfg.norm_groups, cfg.dropout),
+            self._context(c_out, resolution=resolution),
+        ])
+
+    @property
+    def null_label(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W) noisy latents, t (B,) steps, labels (B,) in 0..num_classes (the last is null)."""
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
+        if self.label_emb is not None:
+            if labels is None:
+                labels = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
+            emb = emb + self.label_emb(labels)
+
+        h = self.stem(x)
+        skips = [h]
+        for block in self.down:
+            h = self._apply(block, h, emb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, emb) if isinstance(block, ResBlock) else block(h)
+        for block in self.up:
+            if isinstance(block, nn.ModuleList):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = self._apply(block, h, emb)
+        return self.out(h)
+
+    @staticmethod
+    def _apply(block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+        if isinstance(block, nn.ModuleList):  # (ResBlock, context)
+            res, context = block
+            return context(res(h, emb))
+        return block(h)  # down- or up-sampling
