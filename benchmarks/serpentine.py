@@ -21,6 +21,7 @@ not allocator caches or the process's other memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from diffmodels.io import write_json  # noqa: E402
@@ -41,15 +43,23 @@ from diffmodels.serpentine import SerpentineBlock  # noqa: E402
 from diffmodels.ssm import selective_scan_reference, ssd_chunked_scan  # noqa: E402
 
 GRIDS = (8, 16, 32, 64, 128)
+# The unfused attention stores B * heads * L^2 floats several times over: at 128x128 (B=2, 2 heads)
+# about 13 GB, more than this benchmark should ask of a shared CPU machine.
+MATH_ATTENTION_MAX_GRID = 64
+BLOCKS = ("serpentine", "attention", "attention_unfused")
 MIB = 2**20
 
 
 class AttentionBlock(nn.Module):
-    """Residual multi-head self-attention over all H*W positions: the quadratic baseline."""
+    """Residual multi-head self-attention over all H*W positions: the quadratic baseline.
 
-    def __init__(self, channels: int, heads: int, norm_groups: int = 32) -> None:
+    ``fused=True`` lets SDPA pick its fused (flash) kernel, which never stores the L x L weights;
+    ``fused=False`` forces the math kernel, which does, as a plain attention implementation would.
+    """
+
+    def __init__(self, channels: int, heads: int, norm_groups: int = 32, fused: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.fused = heads, fused
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.out_proj = nn.Linear(channels, channels)
@@ -58,7 +68,8 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         t = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C)
         q, k, v = self.qkv(t).view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
+        with sdpa_kernel(SDPBackend.MATH) if not self.fused else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
         y = self.out_proj(y.transpose(1, 2).reshape(b, h * w, c))  # (B, L, C)
         return x + y.transpose(1, 2).reshape(b, c, h, w)
 
@@ -68,8 +79,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in ms (CUDA events on a GPU). The caller has warmed it up."""
+def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:
+    """(median, min) wall time of ``fn`` in ms (CUDA events on a GPU). The caller warmed it up.
+
+    The minimum is reported beside the median because other jobs may share the CPU: contention
+    only ever adds time, so the fastest repeat is the best estimate of the cost itself.
+    """
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -83,7 +98,7 @@ def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> flo
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
@@ -134,24 +149,31 @@ def bench_blocks(args: argparse.Namespace, device: torch.device) -> list[dict]:
     blocks = {
         "serpentine": SerpentineBlock(args.width, directions=args.directions).to(device),
         "attention": AttentionBlock(args.width, heads=args.width // 32).to(device),
+        "attention_unfused": AttentionBlock(args.width, heads=args.width // 32, fused=False).to(device),
     }
     rows = []
     for grid in (g for g in GRIDS if g <= args.max_grid):
         x = torch.randn(args.batch, args.width, grid, grid, device=device, requires_grad=True)
         row = {"grid": f"{grid}x{grid}", "L": grid * grid}
         for name, block in blocks.items():
+            if name == "attention_unfused" and grid > MATH_ATTENTION_MAX_GRID:
+                continue
             step = step_fn(block, x)
             row[f"{name}_peak_mib"] = peak_mib(step, device)  # doubles as the warm-up
-            row[f"{name}_ms"] = time_ms(step, repeats_for(grid), device)
+            row[f"{name}_ms"], row[f"{name}_ms_min"] = time_ms(step, repeats_for(grid), device)
         rows.append(row)
         print(f"  {row['grid']:>7}  L={row['L']:>5}  serpentine {row['serpentine_ms']:9.1f} ms"
-              f" {row['serpentine_peak_mib']:8.1f} MiB   attention {row['attention_ms']:9.1f} ms"
+              f" (min {row['serpentine_ms_min']:9.1f}) {row['serpentine_peak_mib']:8.1f} MiB   attention"
+              f" {row['attention_ms']:9.1f} ms (min {row['attention_ms_min']:9.1f})"
               f" {row['attention_peak_mib']:8.1f} MiB", flush=True)
+        if "attention_unfused_ms" in row:
+            print(f"  {'':>7}  {'':>7}  unfused attention {row['attention_unfused_ms']:9.1f} ms"
+                  f" (min {row['attention_unfused_ms_min']:9.1f}) {row['attention_unfused_peak_mib']:8.1f} MiB")
     return rows
 
 
 def bench_scan(device: torch.device, lengths=(256, 1024, 4096, 16384)) -> list[dict]:
-    """Chunked SSD scan vs the sequential loop, float32, forward only, layer-sized heads."""
+    """Chunked SSD scan vs the sequential loop: float32, forward only, layer-sized heads, min time."""
     g = torch.Generator().manual_seed(0)
     b, h, p, n = 2, 4, 32, 32
     rows = []
@@ -167,8 +189,8 @@ def bench_scan(device: torch.device, lengths=(256, 1024, 4096, 16384)) -> list[d
             reps = 3 if l <= 4096 else 1
             row = {
                 "L": l,
-                "chunked_ms": time_ms(lambda: ssd_chunked_scan(*inputs, chunk_size=64), reps, device),
-                "loop_ms": time_ms(lambda: selective_scan_reference(*inputs), reps, device),
+                "chunked_ms": time_ms(lambda: ssd_chunked_scan(*inputs, chunk_size=64), reps, device)[1],
+                "loop_ms": time_ms(lambda: selective_scan_reference(*inputs), reps, device)[1],
                 "max_abs_diff": (y_chunk - y_loop).abs().max().item(),
                 "max_abs_output": y_loop.abs().max().item(),
             }
@@ -184,33 +206,38 @@ def growth_exponent(lengths: list[int], values: list[float]) -> float:
     return float(np.polyfit(np.log(lengths), np.log(values), 1)[0])
 
 
-def crossover(rows: list[dict], key: str) -> str | None:
-    """First grid from which the serpentine block stays cheaper than attention on ``key``."""
+def crossover(rows: list[dict], key: str, baseline: str = "attention") -> str | None:
+    """First grid from which the serpentine block stays cheaper than ``baseline`` on ``key``."""
+    rows = [r for r in rows if f"{baseline}_{key}" in r]
     for i, row in enumerate(rows):
-        if all(r[f"serpentine_{key}"] < r[f"attention_{key}"] for r in rows[i:]):
+        if all(r[f"serpentine_{key}"] < r[f"{baseline}_{key}"] for r in rows[i:]):
             return row["grid"]
     return None
 
 
 def summarise(rows: list[dict], scan_rows: list[dict]) -> dict:
-    L = [r["L"] for r in rows]
     big = slice(-3, None)  # the asymptotic regime: fixed overheads dominate the small grids
     exps = {}
-    for name in ("serpentine", "attention"):
-        for key in ("ms", "peak_mib"):
-            v = [r[f"{name}_{key}"] for r in rows]
+    for name in BLOCKS:
+        measured = [r for r in rows if f"{name}_ms" in r]
+        L = [r["L"] for r in measured]
+        for key in ("ms", "ms_min", "peak_mib"):
+            v = [r[f"{name}_{key}"] for r in measured]
             exps[f"{name}_{key}"] = {"all": growth_exponent(L, v), "largest_3": growth_exponent(L[big], v[big])}
     for key in ("chunked_ms", "loop_ms"):
         exps[f"scan_{key}"] = {"all": growth_exponent([r["L"] for r in scan_rows], [r[key] for r in scan_rows])}
-    return {"exponents": exps, "crossover": {"time": crossover(rows, "ms"), "memory": crossover(rows, "peak_mib")}}
+    keys = ("ms", "ms_min", "peak_mib")
+    cross = {f"{base}_{key}": crossover(rows, key, base) for base in BLOCKS[1:] for key in keys}
+    return {"exponents": exps, "crossover": cross}
 
 
 def plot(rows: list[dict], scan_rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    L = [r["L"] for r in rows]
-    for ax, key, label in ((axes[0], "ms", "forward+backward time (ms)"), (axes[1], "peak_mib", "peak memory (MiB)")):
-        for name in ("serpentine", "attention"):
-            ax.plot(L, [r[f"{name}_{key}"] for r in rows], "o-", label=name)
+    for ax, key, label in ((axes[0], "ms_min", "forward+backward time, min of repeats (ms)"),
+                           (axes[1], "peak_mib", "peak memory (MiB)")):
+        for name in BLOCKS:
+            measured = [r for r in rows if f"{name}_{key}" in r]
+            ax.plot([r["L"] for r in measured], [r[f"{name}_{key}"] for r in measured], "o-", label=name)
         ax.set(xscale="log", yscale="log", xlabel="sequence length L = H*W", ylabel=label)
     sl = [r["L"] for r in scan_rows]
     axes[2].plot(sl, [r["chunked_ms"] for r in scan_rows], "o-", label="chunked SSD scan")
@@ -242,7 +269,7 @@ def main() -> None:
                           "torch.profiler allocation records (profile_memory=True), above the start of the step")
     print(f"device {device} ({torch.get_num_threads()} threads), batch {args.batch}, width {args.width}, "
           f"serpentine directions {args.directions}, attention heads {args.width // 32}")
-    print(f"time: {'CUDA events' if device.type == 'cuda' else 'time.perf_counter'}, median of repeats; "
+    print(f"time: {'CUDA events' if device.type == 'cuda' else 'time.perf_counter'}, median and min of repeats; "
           f"memory: {memory_method}")
     print("blocks, forward+backward:")
     rows = bench_blocks(args, device)
@@ -250,22 +277,26 @@ def main() -> None:
     scan_rows = bench_scan(device)
     summary = summarise(rows, scan_rows)
 
-    print("\n| grid | L | serpentine ms | attention ms | serpentine MiB | attention MiB |")
-    print("|---|---|---|---|---|---|")
+    print("\nforward+backward time in ms (median / min of repeats) and peak memory in MiB; "
+          "attention = fused SDPA, unfused = SDPA math kernel (stores the L x L weights)")
+    print("| grid | L | " + " | ".join(f"{n} ms | {n} MiB" for n in BLOCKS) + " |")
+    print("|---" * (2 + 2 * len(BLOCKS)) + "|")
     for r in rows:
-        print(f"| {r['grid']} | {r['L']} | {r['serpentine_ms']:.1f} | {r['attention_ms']:.1f} "
-              f"| {r['serpentine_peak_mib']:.1f} | {r['attention_peak_mib']:.1f} |")
+        cells = [f"{r[n + '_ms']:.1f} / {r[n + '_ms_min']:.1f} | {r[n + '_peak_mib']:.1f}" if n + "_ms" in r
+                 else "not run | not run" for n in BLOCKS]
+        print(f"| {r['grid']} | {r['L']} | " + " | ".join(cells) + " |")
     print("\ngrowth exponents (slope of log cost vs log L; all points / 3 largest grids):")
     for name, e in summary["exponents"].items():
-        print(f"  {name:22s} " + " / ".join(f"{v:.2f}" for v in e.values()))
-    print(f"serpentine cheaper than attention from: time {summary['crossover']['time']}, "
-          f"memory {summary['crossover']['memory']}")
+        print(f"  {name:28s} " + " / ".join(f"{v:.2f}" for v in e.values()))
+    print("serpentine cheaper from grid (None = not within the grids measured):")
+    for name, grid in summary["crossover"].items():
+        print(f"  vs {name:28s} {grid}")
 
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "batch": args.batch, "width": args.width, "directions": args.directions,
         "attention_heads": args.width // 32, "memory_method": memory_method,
-        "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter, median of repeats",
+        "timing": ("CUDA events" if device.type == "cuda" else "time.perf_counter") + ", median and min of repeats",
         "blocks": rows, "scan": scan_rows, **summary,
     }
     write_json(args.out / "serpentine.json", result)
