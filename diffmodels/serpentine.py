@@ -1,0 +1,162 @@
+"""Serpentine scans: a feature map read as sequences along snake paths, mixed by a selective SSM.
+
+A feature map (B, C, H, W) is flattened along several *scan orders*, each a permutation of the
+H*W grid positions; one call of ``SelectiveSSM`` runs all of them (directions folded into the
+batch), each result is put back on the grid and the directions are merged (SPEC 5.2; ZigMa,
+Hu et al. 2024, and Vision Mamba, Zhu et al. 2024, scan images this way).
+
+Scan orders are snake (boustrophedon) paths, so consecutive sequence positions are always grid
+neighbours; a raster sweep would jump from the end of one row to the start of the next, and
+ZigMa's ablations found it much worse. Names are ``<family>_<corner>[_rev]``:
+
+    family  ``rows``: along a row, turn, back along the next row; ``cols``: the same by columns
+    corner  where the path starts: ``tl``, ``tr``, ``bl``, ``br``
+    _rev    the same path walked backwards (it ends where the plain path started)
+
+The reverse of a path is itself the snake from its end corner (e.g. ``rows_tl_rev`` is
+``rows_bl`` when H is even), so the 16 names give 8 distinct permutations; the ``_rev`` names
+say which pairing a block uses. Index convention, for the row-major flat grid ``g`` (L = H*W):
+
+    seq = g[perm]        g = seq[inv]        (perm[inv] = inv[perm] = arange(L))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffmodels.ssm import SelectiveSSM
+
+FAMILIES = ("rows", "cols")
+CORNERS = ("tl", "tr", "bl", "br")
+ORDERS = tuple(f"{f}_{c}{r}" for f in FAMILIES for c in CORNERS for r in ("", "_rev"))
+MERGES = ("sum", "mean")
+DIRECTIONS = (1, 2, 4)
+
+
+def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@functools.lru_cache(maxsize=512)
+def scan_indices(height: int, width: int, order: str) -> tuple[Tensor, Tensor]:
+    """(perm, inv) for one scan order: CPU int64 tensors of shape (H*W,), computed once and cached.
+
+    The cached tensors are shared: never modify them in place (``.to(device)`` copies).
+    """
+    _check_choice("scan order", order, ORDERS)
+    if height < 1 or width < 1:
+        raise ValueError(f"grid must be at least 1x1, got {height}x{width}")
+    family, corner, *rev = order.split("_")
+    n_outer, n_inner = (height, width) if family == "rows" else (width, height)
+    # The corner fixes which end of the outer axis comes first and which way the first lane runs.
+    outer_flip = corner[0] == "b" if family == "rows" else corner[1] == "r"
+    inner_flip = corner[1] == "r" if family == "rows" else corner[0] == "b"
+    outer = torch.arange(n_outer)
+    if outer_flip:
+        outer = outer.flip(0)
+    inner = torch.arange(n_inner).repeat(n_outer, 1)  # (n_outer, n_inner), one lane per row
+    turn = (torch.arange(n_outer) % 2 == 1) ^ inner_flip  # lanes walked backwards
+    inner[turn] = inner[turn].flip(1)
+    outer = outer[:, None].expand(n_outer, n_inner)
+    row, col = (outer, inner) if family == "rows" else (inner, outer)
+    perm = (row * width + col).flatten()
+    if rev:
+        perm = perm.flip(0)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return perm, inv
+
+
+@functools.lru_cache(maxsize=512)
+def _stacked_indices(height: int, width: int, orders: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """perm and inv of several orders stacked to (D, H*W), on ``device`` (one copy per device)."""
+    perms, invs = zip(*(scan_indices(height, width, o) for o in orders))
+    return torch.stack(perms).to(device), torch.stack(invs).to(device)
+
+
+def scan(x: Tensor, orders: Sequence[str]) -> Tensor:
+    """Grid to sequences: x (B, C, H, W) -> (B*D, H*W, C), row b*D + d read along ``orders[d]``."""
+    b, c, h, w = x.shape
+    perm, _ = _stacked_indices(h, w, tuple(orders), x.device)  # (D, L)
+    seq = x.flatten(2)[:, :, perm]  # (B, C, D, L)
+    return seq.permute(0, 2, 3, 1).reshape(b * len(orders), h * w, c)  # (B*D, L, C)
+
+
+def unscan(seq: Tensor, orders: Sequence[str], height: int, width: int) -> Tensor:
+    """Sequences back to the grid: (B*D, H*W, C) -> (B, D, H*W, C), positions in row-major order."""
+    bd, l, c = seq.shape
+    d = len(orders)
+    _, inv = _stacked_indices(height, width, tuple(orders), seq.device)  # (D, L)
+    seq = seq.view(bd // d, d, l, c)  # (B, D, L, C)
+    return seq.gather(2, inv[None, :, :, None].expand(bd // d, d, l, c))
+
+
+def block_orders(family: str = "rows", directions: int = 2, corner: str = "tl") -> tuple[str, ...]:
+    """The scan orders of one block: 1 = a path, 2 = path + reverse, 4 = both families + reverses."""
+    _check_choice("family", family, FAMILIES)
+    _check_choice("directions", directions, DIRECTIONS)
+    _check_choice("corner", corner, CORNERS)
+    other = FAMILIES[1 - FAMILIES.index(family)]
+    orders = (f"{family}_{corner}", f"{family}_{corner}_rev", f"{other}_{corner}", f"{other}_{corner}_rev")
+    return orders[:directions]
+
+
+def default_family(index: int) -> str:
+    """Family of the index-th serpentine block: blocks alternate rows, cols, rows, ..."""
+    return FAMILIES[index % 2]
+
+
+class SerpentineBlock(nn.Module):
+    """Residual block: norm, in-projection, 3x3 depthwise conv, multi-direction SSM, merge, gate.
+
+    x (B, C, H, W) -> same shape and dtype; any H, W >= 1. With ``directions >= 2`` every output
+    position depends on every input position; with 1 the block is causal along its path (up to
+    the conv's 3x3 reach).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        directions: int = 2,
+        family: str = "rows",
+        merge: str = "mean",
+        d_state: int = 32,
+        headdim: int = 32,
+        chunk_size: int = 64,
+        expand: int = 2,
+        norm_groups: int = 32,
+        corner: str = "tl",
+    ) -> None:
+        super().__init__()
+        _check_choice("merge", merge, MERGES)
+        if channels % norm_groups:
+            raise ValueError(f"channels ({channels}) must be a multiple of norm_groups ({norm_groups})")
+        self.orders = block_orders(family, directions, corner)
+        self.merge = merge
+        d_inner = expand * channels
+        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.in_proj = nn.Conv2d(channels, 2 * d_inner, 1)  # -> u (scanned) and z (gate)
+        # Local mixing on the grid, before flattening: a 1-D conv over a snake sequence would mix
+        # the last cell of a lane with the first of the next lane's reversed run at every turn.
+        self.conv = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner)
+        self.ssm = SelectiveSSM(d_inner, d_state=d_state, headdim=headdim, chunk_size=chunk_size)
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=1)  # (B, E, H, W) each
+        u = F.silu(self.conv(u))
+        y = self.ssm(scan(u, self.orders))  # (B*D, L, E), one call for all directions
+        y = unscan(y, self.orders, h, w)  # (B, D, L, E)
+        y = y.sum(1) if self.merge == "sum" else y.mean(1)  # (B, L, E)
+        y = self.out_norm(y) * F.silu(z.flatten(2).transpose(1, 2))  # (B, L, E)
+        y = self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
+        return (x + y).to(x.dtype)

@@ -1,0 +1,133 @@
+"""Snake scan orders (permutations, continuity, scan-unscan identity) and the SerpentineBlock."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffmodels.serpentine import (
+    ORDERS,
+    SerpentineBlock,
+    block_orders,
+    default_family,
+    scan,
+    scan_indices,
+    unscan,
+)
+
+SIZES = [(1, 1), (1, 7), (5, 3), (8, 8), (7, 12)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_scan_then_unscan_is_identity(size):
+    h, w = size
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    seq = scan(x, ORDERS)  # (2 * 16, L, 3)
+    grid = unscan(seq, ORDERS, h, w)  # (2, 16, L, 3)
+    raster = x.flatten(2).transpose(1, 2)  # (2, L, 3)
+    assert torch.equal(grid, raster[:, None].expand_as(grid))
+    for d, order in enumerate(ORDERS):  # and each sequence really is the grid read along its path
+        perm, _ = scan_indices(h, w, order)
+        assert torch.equal(seq.view(2, len(ORDERS), h * w, 3)[:, d], raster[:, perm])
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_every_order_is_a_permutation_with_its_inverse(size):
+    h, w = size
+    identity = torch.arange(h * w)
+    for order in ORDERS:
+        perm, inv = scan_indices(h, w, order)
+        assert perm.dtype == inv.dtype == torch.int64
+        assert torch.equal(perm.sort().values, identity)
+        assert torch.equal(perm[inv], identity) and torch.equal(inv[perm], identity)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_snake_paths_step_between_grid_neighbours(size):
+    h, w = size
+    for order in ORDERS:
+        perm, _ = scan_indices(h, w, order)
+        row, col = perm // w, perm % w
+        manhattan = (row.diff().abs() + col.diff().abs()).tolist()
+        assert manhattan == [1] * (h * w - 1), order
+
+
+def test_orders_start_at_their_corner_and_follow_their_family():
+    h, w = 5, 4
+    corners = {"tl": 0, "tr": w - 1, "bl": (h - 1) * w, "br": h * w - 1}
+    for order in ORDERS:
+        family, corner, *rev = order.split("_")
+        perm, _ = scan_indices(h, w, order)
+        if rev:
+            perm = perm.flip(0)
+        assert perm[0] == corners[corner], order
+        # first lane: a whole row for "rows", a whole column for "cols"
+        lane = perm[:w] // w if family == "rows" else perm[:h] % w
+        assert (lane == lane[0]).all(), order
+
+
+def test_indices_are_cached_and_bad_names_rejected():
+    assert scan_indices(5, 3, "cols_br")[0] is scan_indices(5, 3, "cols_br")[0]
+    with pytest.raises(ValueError, match="rows_tl"):
+        scan_indices(5, 3, "raster")
+
+
+def test_block_orders_and_family_alternation():
+    assert block_orders("rows", 2) == ("rows_tl", "rows_tl_rev")
+    assert block_orders("cols", 4) == ("cols_tl", "cols_tl_rev", "rows_tl", "rows_tl_rev")
+    assert [default_family(i) for i in range(4)] == ["rows", "cols", "rows", "cols"]
+    with pytest.raises(ValueError, match="directions"):
+        block_orders("rows", 3)
+
+
+def _block(**kwargs) -> SerpentineBlock:
+    torch.manual_seed(0)
+    kwargs = {"d_state": 4, "headdim": 4, "chunk_size": 8, "norm_groups": 2, **kwargs}
+    return SerpentineBlock(8, **kwargs)
+
+
+@pytest.mark.parametrize("directions,family,merge", [(1, "rows", "sum"), (2, "cols", "mean"), (4, "rows", "mean")])
+def test_block_output_finite_and_every_parameter_gets_gradient(directions, family, merge):
+    block = _block(directions=directions, family=family, merge=merge)
+    x = torch.randn(2, 8, 5, 7)
+    y = block(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.backward(torch.randn_like(y))
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_block_keeps_shape_and_dtype_under_bf16_autocast():
+    block = _block(directions=4)
+    x = torch.randn(2, 8, 7, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+
+
+def _reach(block: SerpentineBlock, h: int, w: int, position: int) -> torch.Tensor:
+    """(H*W,) bool: which input grid positions move the output at raster ``position``."""
+    block.norm = nn.Identity()  # GroupNorm statistics would couple every position to every other
+    x = torch.randn(1, 8, h, w, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(block.double()(x).flatten(2)[0, :, position].sum(), x)
+    return g[0].abs().sum(0).flatten() > 0
+
+
+def test_one_direction_is_causal_along_its_path():
+    h, w = 5, 6
+    perm, _ = scan_indices(h, w, "rows_tl")
+    for i in (0, 9, 29):  # output at the i-th position of the path
+        # inputs feed the scan through the 3x3 conv: position q reaches the path cells around it
+        seen = torch.zeros(h + 2, w + 2, dtype=torch.bool)
+        for q in perm[: i + 1].tolist():
+            seen[q // w : q // w + 3, q % w : q % w + 3] = True
+        expected = seen[1:-1, 1:-1].flatten()
+        reach = _reach(_block(directions=1, family="rows"), h, w, perm[i].item())
+        assert torch.equal(reach, expected), i
+
+
+def test_path_and_reverse_see_the_whole_grid():
+    h, w = 5, 6
+    for position in (0, 14, 29):  # start of the path, the middle, the end
+        assert _reach(_block(directions=2), h, w, position).all()
