@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pathlib import Path
+
+from diffmodels.checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from diffmodels.errors import CheckpointError
 from diffmodels.schedule import NoiseSchedule, Prediction
+from diffmodels.unet import UNet, UNetConfig
 
 
 def diffusion_loss(
@@ -80,3 +85,37 @@ class EMA:
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights into ``model`` (e.g. a copy used for sampling)."""
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# Weights file: denoiser + EMA weights, with everything needed to sample (nanoGPT style)
+# --------------------------------------------------------------------------------------------
+
+WEIGHTS_KIND = "ddpm"
+
+
+def save_denoiser(path: str | Path, model: nn.Module, ema: EMA, meta: dict) -> None:
+    """Atomically write raw (``model/*``) and EMA (``ema/*``) weights; ``meta`` must hold the
+    UNet config (``unet``), the schedule (``schedule``) and the latent ``scale_factor``."""
+    missing = {"unet", "schedule", "prediction", "scale_factor"} - set(meta)
+    assert not missing, f"denoiser meta lacks {missing}"
+    tensors = {f"model/{k}": v.float() for k, v in model.state_dict().items()}
+    tensors.update({f"ema/{k}": v for k, v in ema.state_dict().items()})
+    save_checkpoint(path, tensors, {"kind": WEIGHTS_KIND, **meta})
+
+
+def load_denoiser(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> tuple[UNet, NoiseSchedule, dict]:
+    """Rebuild the UNet from a file written by :func:`save_denoiser` -> (model in eval mode,
+    NoiseSchedule, meta). ``weights`` picks ``ema`` (default, for sampling) or ``model``."""
+    ckpt = load_checkpoint(path)
+    if ckpt.meta.get("kind") != WEIGHTS_KIND:
+        raise CheckpointError(f"{path}: not denoiser weights (kind {ckpt.meta.get('kind')!r}); run `dvc repro train_ddpm`")
+    try:
+        model = UNet(UNetConfig.from_dict(ckpt.meta["unet"]))
+        s = ckpt.meta["schedule"]
+        schedule = NoiseSchedule.from_kind(s["kind"], s["num_steps"], s["beta_start"], s["beta_end"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: denoiser config in the header is invalid ({exc})") from None
+    prefix = f"{weights}/"
+    load_module_state(model, {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}, path)
+    return model.to(device).eval(), schedule.to(device), ckpt.meta

@@ -1,0 +1,242 @@
+"""Stage train_ddpm: cached latents -> denoiser + EMA weights (config embedded), metrics, loss curve.
+
+    python -m stages.train_ddpm --latents data/latents --vae data/models/vae.safetensors \\
+        --prepared data/prepared --out data/models/ddpm.safetensors --reports reports/train_ddpm \\
+        --checkpoints data/checkpoints/train_ddpm
+
+Resume: every ``ddpm.checkpoint_every`` steps the full training state (model, EMA, optimizer,
+schedule, data order, RNG) goes to ``<checkpoints>/last.safetensors``, outside DVC's outs. A
+rerun with the same params, data and code continues from it; otherwise it starts fresh and says
+why. A non-finite loss stops the stage with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import diffmodels
+from diffmodels import latents as latent_cache
+from diffmodels import tracking
+from diffmodels.config import flatten, load_params
+from diffmodels.ddpm import EMA, diffusion_loss, save_denoiser
+from diffmodels.errors import DataError
+from diffmodels.images import make_grid, save_png
+from diffmodels.io import write_json, write_text
+from diffmodels.samplers import classifier_free_guidance, ddim_steps, run as run_sampler
+from diffmodels.schedule import NoiseSchedule
+from diffmodels.train import (
+    EpochSampler, Precision, TrainState, backward_and_step, check_finite, evaluating, file_digest,
+    fingerprint, make_scheduler, resume, select_device,
+)
+from diffmodels.unet import UNet, UNetConfig
+from diffmodels.vae import load_vae, to_uint8
+from stages._cli import base_parser, stage_main
+
+GROUPS = ("seed", "ddpm")
+CODE = [Path(__file__), *(Path(diffmodels.__file__).parent / m for m in
+                          ("ddpm.py", "unet.py", "serpentine.py", "ssm.py", "schedule.py", "samplers.py", "train.py"))]
+LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
+
+parser = base_parser(__doc__.splitlines()[0])
+parser.add_argument("--latents", type=Path, default=Path("data/latents"))
+parser.add_argument("--vae", type=Path, default=Path("data/models/vae.safetensors"))
+parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+parser.add_argument("--out", type=Path, default=Path("data/models/ddpm.safetensors"))
+parser.add_argument("--reports", type=Path, default=Path("reports/train_ddpm"))
+parser.add_argument("--checkpoints", type=Path, default=Path("data/checkpoints/train_ddpm"))
+parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="stop after step N leaving a checkpoint, as a kill would (for tests)")
+
+
+def unet_config(p, latent_shape: tuple[int, int, int], num_classes: int) -> UNetConfig:
+    c, h, w = latent_shape
+    if h != w:
+        raise DataError(f"latents are {h}x{w}; the denoiser needs square latents (data.resolution is square)")
+    return UNetConfig(
+        in_channels=c, latent_size=h, base_channels=p.base_channels, channel_mults=tuple(p.channel_mults),
+        blocks_per_level=p.blocks_per_level, mixer=p.mixer, mixer_resolutions=tuple(p.mixer_resolutions),
+        num_classes=num_classes, dropout=p.dropout, norm_groups=p.norm_groups, attention_heads=p.attention_heads,
+        serpentine_directions=p.scan_directions, serpentine_merge=p.scan_merge, serpentine_state=p.ssm_state,
+    )
+
+
+@torch.no_grad()
+def sample_strip(model, schedule, vae, scale, p, num_classes: int, device, seed: int) -> np.ndarray:
+    """Decoded DDIM samples from fixed seeds (one per class when conditional): (N, H, W, C) uint8."""
+    n = num_classes or p.sample_images
+    c, size = model.config.in_channels, model.config.latent_size
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, size, size, generator=g).to(device)
+    if num_classes:
+        labels = torch.arange(num_classes, device=device)
+        denoise = classifier_free_guidance(model, labels, model.null_label, p.sample_guidance)
+    else:
+        denoise = lambda z, t: model(z, t)  # noqa: E731
+    z0 = run_sampler(ddim_steps(denoise, x, schedule, num_steps=p.sample_steps, prediction=p.prediction, generator=g))
+    return to_uint8(vae.decode(z0 / scale)).cpu().numpy()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB, whole process
+
+
+def run(args) -> None:
+    params = load_params(args.params)
+    p, seed = params.ddpm, params.seed
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    device = select_device(p.device)
+    precision = Precision.from_mode(device, p.amp)
+
+    # 1. data: cached posterior moments, scaled to unit variance
+    manifest_path = args.latents / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path}: latent cache missing; run `dvc repro cache_latents`")
+    manifest = json.loads(manifest_path.read_text())
+    scale = float(manifest["scale_factor"])
+    train = latent_cache.load_split(args.latents, "train")
+    mean, logvar, labels = train["mean"], train["logvar"], train["labels"].long()
+    if p.batch_size > len(mean):
+        raise DataError(f"ddpm.batch_size {p.batch_size} is larger than the training set ({len(mean)} latents)")
+    class_names = json.loads((args.prepared / "manifest.json").read_text()).get("class_names", [])
+    num_classes = len(class_names) if p.conditional and class_names and bool((labels >= 0).all()) else 0
+
+    # 2. model, EMA, optimiser, resumable state
+    cfg = unet_config(p, tuple(mean.shape[1:]), num_classes)
+    model = UNet(cfg).to(device)
+    ema = EMA(model, p.ema_decay)
+    schedule = NoiseSchedule.from_kind(p.schedule, p.num_steps, p.beta_start, p.beta_end).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    state = TrainState(
+        model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, p.warmup_steps, p.steps),
+        sampler=EpochSampler(len(mean), p.batch_size, seed), generator=torch.Generator().manual_seed(seed),
+        scaler=precision.scaler, ema=ema, extra={"history": []},
+    )
+    inputs = {
+        "params": flatten(params, GROUPS),
+        "latents": manifest.get("sha256") or manifest.get("scale_factor"),
+        "code": {Path(f).name: digest for f, digest in file_digest(CODE).items()},
+        "precision": precision.name,
+    }
+    ckpt_path = args.checkpoints / "last.safetensors"
+    print(f"train_ddpm: {resume(state, ckpt_path, fingerprint(inputs))}")
+    start_step = state.step
+    history: list[list[float]] = state.extra["history"]
+    vae, _ = load_vae(args.vae, device)
+    num_params = sum(p_.numel() for p_ in model.parameters())
+
+    def ema_model() -> UNet:
+        averaged = copy.deepcopy(model)
+        ema.copy_to(averaged)
+        return averaged.eval()
+
+    def log_samples(step: int) -> None:
+        if not params.tracking.log_images:
+            return
+        images = sample_strip(ema_model(), schedule, vae, scale, p, num_classes, device, seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"step_{step:06d}.png"
+            save_png(path, make_grid(images, ncol=len(images)))
+            mlflow.log_artifact(str(path), artifact_path="samples")
+
+    with tracking.stage_run("train_ddpm", params, GROUPS):
+        mlflow.set_tags({"resumed_from_step": start_step, "device": str(device), "precision": precision.name})
+        mlflow.log_params({"ddpm.num_parameters": num_params, "ddpm.num_classes": num_classes})
+        bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="train_ddpm",
+                   unit="step", mininterval=1.0, disable=None)
+        loop_started, loop_start_step = time.perf_counter(), start_step
+        for step in bar:
+            # 1. a batch of scaled latents: the posterior mean, or a sample from the posterior
+            idx = state.sampler.next_batch()
+            z0 = mean[idx]
+            if p.latent_source == "sample":
+                z0 = z0 + (0.5 * logvar[idx]).exp() * torch.randn(z0.shape, generator=state.generator)
+            z0 = (z0 * scale).to(device)
+            y = labels[idx].to(device) if num_classes else None
+            # 2. the DDPM objective
+            with precision.autocast():
+                loss = diffusion_loss(model, schedule, z0, y, state.generator, prediction=p.prediction,
+                                      cond_dropout=p.cond_dropout if num_classes else 0.0,
+                                      null_label=model.null_label)
+            check_finite({"loss": loss}, step + 1, ckpt_path)
+            # 3. update, then the moving average
+            lr = state.scheduler.get_last_lr()[0]
+            grad_norm = backward_and_step(loss, model, optimizer, state.scheduler, p.grad_clip, precision.scaler)
+            ema.update(model)
+            state.step = step + 1
+            history.append([state.step, loss.item(), lr, grad_norm])
+            bar.set_postfix(loss=f"{history[-1][1]:.4f}", refresh=False)
+            # 4. logging, sample strips, checkpoints
+            if state.step % p.log_every == 0:
+                mlflow.log_metrics({"loss": history[-1][1], "lr": lr, "grad_norm": grad_norm}, step=state.step)
+            if state.step % p.sample_every == 0 and state.step < p.steps:
+                log_samples(state.step)
+            if state.step % p.checkpoint_every == 0 or state.step == args.stop_after:
+                state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
+            if args.stop_after is not None and state.step >= args.stop_after:
+                bar.close()
+                print(f"train_ddpm: stopped after step {state.step} as asked; rerun to resume")
+                return
+        bar.close()
+        steps_run = p.steps - loop_start_step
+        steps_per_s = steps_run / max(time.perf_counter() - loop_started, 1e-9)
+
+        # 5. outs: weights with config, loss curve, final samples, metrics
+        meta = {
+            "unet": cfg.to_dict(),
+            "schedule": {"kind": p.schedule, "num_steps": p.num_steps, "beta_start": p.beta_start, "beta_end": p.beta_end},
+            "prediction": p.prediction,
+            "scale_factor": scale,
+            "class_names": class_names if num_classes else [],
+            "step": p.steps,
+            "seed": seed,
+        }
+        save_denoiser(args.out, model, ema, meta)
+        lines = ["\t".join(LOSS_COLUMNS)] + ["\t".join([str(int(r[0]))] + [f"{v:.6g}" for v in r[1:]]) for r in history]
+        write_text(args.reports / "loss.tsv", "\n".join(lines) + "\n")
+        final = sample_strip(ema_model(), schedule, vae, scale, p, num_classes, device, seed)
+        save_png(args.reports / "samples.png", make_grid(final, ncol=len(final)))
+        tail = np.asarray([r[1] for r in history[-100:]])
+        metrics = {
+            "loss_last100": float(tail.mean()) if len(tail) else None,
+            "steps": p.steps,
+            "resumed_from_step": start_step,
+            "steps_per_second": round(steps_per_s, 3),
+            "latents_per_second": round(steps_per_s * p.batch_size, 1),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "num_parameters": num_params,
+            "num_classes": num_classes,
+            "precision": precision.name,
+            "seconds_this_run": round(time.perf_counter() - started, 1),
+        }
+        write_json(args.reports / "metrics.json", metrics)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=p.steps)
+        for path in (args.reports / "metrics.json", args.reports / "loss.tsv"):
+            mlflow.log_artifact(str(path))
+        if params.tracking.log_images:
+            mlflow.log_artifact(str(args.reports / "samples.png"))
+        ckpt_path.unlink(missing_ok=True)  # finished: the weights are the out now
+
+    print(
+        f"train_ddpm: {p.steps} steps ({start_step} resumed) on {device} {precision.name}, {p.mixer} mixer, "
+        f"{num_params:,} params, loss {metrics['loss_last100']:.4f}, {metrics['latents_per_second']:.0f} latents/s "
+        f"({metrics['seconds_this_run']:.0f}s)"
+    )
+
+
+main = stage_main(run, parser)
+
+if __name__ == "__main__":
+    main()
