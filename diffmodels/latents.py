@@ -53,7 +53,7 @@ def encode_images(
     """uint8 (N, H, W, C) -> posterior mean, logvar, each (N, C_lat, H/8, W/8) float32 on CPU."""
     means, logvars = [], []
     for sl in _batches(len(images), batch_size, progress):
-        x = to_model_range(torch.from_numpy(np.asarray(images[sl]))).to(device)
+        x = to_model_range(torch.from_numpy(np.array(images[sl]))).to(device)  # copy: mmap is read-only
         mean, logvar = vae.encode(x)
         means.append(mean.float().cpu())
         logvars.append(logvar.float().cpu())
