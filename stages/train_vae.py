@@ -72,7 +72,7 @@ def run(args) -> None:
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path}: prepared data missing; run `dvc repro prepare`")
     train, val = load_split(args.prepared, "train"), load_split(args.prepared, "val")
-    images = torch.from_numpy(np.asarray(train.images))  # (N, H, W, C) uint8, in memory
+    images = torch.from_numpy(np.array(train.images))  # (N, H, W, C) uint8, copied into memory
     val_images = np.asarray(val.images)
     grid_images = val_images[: p.grid_images]
 

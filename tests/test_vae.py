@@ -140,7 +140,6 @@ def test_short_run_overfits_16_images():
         opt.step()
         history.append(loss.item())
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
-    print(first, last)
     assert last < first / 4, (first, last)  # falls by a factor of 4 or more
 
 
