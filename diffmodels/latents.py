@@ -78,7 +78,7 @@ class ReconMetrics:
 
     def update(self, images: np.ndarray | torch.Tensor, x_hat: torch.Tensor) -> None:
         """images uint8 (b, H, W, C); x_hat (b, C, H, W) in model range [-1, 1]."""
-        target = to_unit_range(to_model_range(torch.as_tensor(np.asarray(images))))
+        target = to_unit_range(to_model_range(torch.as_tensor(np.array(images))))  # copy: mmap is read-only
         preds = to_unit_range(x_hat)
         self.psnr.update(preds, target)
         self.ssim.update(preds, target)
