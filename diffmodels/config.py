@@ -116,12 +116,48 @@ class DataParams:
 
 @dataclass(frozen=True)
 class VaeParams:
-    pass
+    # Architecture (diffmodels/vae.py; stored in the weights file)
+    base_channels: Annotated[int, Range(ge=1, le=1024)]
+    channel_mult: tuple[Annotated[int, Range(ge=1, le=64)], ...]
+    blocks_per_level: Annotated[int, Range(ge=1, le=8)]
+    se: bool
+    se_reduction: Annotated[int, Range(ge=1, le=64)]
+    decoder_kernel: Literal[3, 5, 7]
+    upsample: Literal["nearest", "pixel_shuffle"]
+    # Objective
+    loss: Literal["l1", "mse"]
+    beta_kl: Annotated[float, Range(ge=0.0)]
+    # Optimisation (diffmodels/train.py)
+    lr: Annotated[float, Range(gt=0.0, le=1.0)]
+    weight_decay: Annotated[float, Range(ge=0.0)]
+    warmup_steps: Annotated[int, Range(ge=0)]
+    steps: Count
+    batch_size: Count
+    grad_clip: Annotated[float, Range(gt=0.0)]
+    amp: bool
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    # Bookkeeping
+    checkpoint_every: Count
+    log_every: Count
+    val_every: Count
+    num_val_images: Count
+    grid_images: Annotated[int, Range(ge=1, le=64)]
+
+    def check(self) -> list[str]:
+        errors = []
+        if len(self.channel_mult) != 4:
+            errors.append(
+                f"vae.channel_mult needs 4 entries, one per pixel scale 1, 2, 4, 8 (got {len(self.channel_mult)})"
+            )
+        if self.warmup_steps >= self.steps:
+            errors.append(f"vae.warmup_steps must be < vae.steps (got {self.warmup_steps} >= {self.steps})")
+        return errors
 
 
 @dataclass(frozen=True)
 class LatentsParams:
-    pass
+    channels: Annotated[int, Range(ge=1, le=64)]
+    batch_size: Count
 
 
 @dataclass(frozen=True)

@@ -23,3 +23,7 @@ class CheckpointError(DiffmodelsError):
 
 class TrackingError(DiffmodelsError):
     """The MLflow tracking store cannot be reached or written."""
+
+
+class TrainingError(DiffmodelsError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""

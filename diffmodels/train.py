@@ -1,0 +1,279 @@
+"""Reusable training-loop pieces: device and precision, LR schedule, data order, resumable state.
+
+Resume contract (SPEC 10)
+    :class:`TrainState` bundles everything that determines the next step: model, optimizer,
+    LR scheduler, GradScaler (fp16 only), the data sampler's position, the noise generator and
+    the global torch RNG. :meth:`TrainState.save` writes it atomically into one safetensors
+    checkpoint (:mod:`diffmodels.checkpoint`) together with a *fingerprint* of the inputs (the
+    params the stage reads, the data and the code); :func:`resume` restores it only when the
+    fingerprint matches, otherwise it says why and the caller starts fresh. On CPU in float32,
+    k steps + resume + (N - k) steps gives the same weights as N steps straight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffmodels.checkpoint import Checkpoint, join_tensors, load_checkpoint, save_checkpoint, split_tensors
+from diffmodels.errors import CheckpointError, DiffmodelsError, TrainingError
+
+# --------------------------------------------------------------------------------------------
+# Device and precision
+# --------------------------------------------------------------------------------------------
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda, else mps, else cpu; an explicit device that is absent is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if name == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if name not in available:
+        raise ValueError(f"device must be one of auto, cuda, mps, cpu; got {name!r}")
+    if not available[name]:
+        raise DiffmodelsError(f"device {name!r} is not available on this machine; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+@dataclass
+class Precision:
+    """Autocast settings: float32 on CPU/MPS; bf16 on CUDA when supported, else fp16 + GradScaler."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # None = float32, no autocast
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def choose(cls, device: torch.device, amp: bool) -> Precision:
+        if not amp or device.type != "cuda":
+            return cls(device, None, None)
+        if torch.cuda.is_bf16_supported():
+            return cls(device, torch.bfloat16, None)
+        return cls(device, torch.float16, torch.amp.GradScaler("cuda"))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def name(self) -> str:
+        return {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+    scaler: torch.amp.GradScaler | None,
+) -> float:
+    """Backward, unscale (fp16), clip the global grad norm, step optimizer and schedule.
+
+    Returns the gradient norm before clipping.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    return float(grad_norm)
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int, checkpoint: Path | None) -> None:
+    """Stop with :class:`TrainingError` on a NaN/inf loss; the last good checkpoint stays."""
+    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+    if bad:
+        kept = f"the last good checkpoint is kept at {checkpoint}" if checkpoint and checkpoint.exists() else "no checkpoint was written yet"
+        raise TrainingError(
+            f"non-finite {', '.join(bad)} at step {step}; {kept}. Lower the learning rate or disable amp"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# --------------------------------------------------------------------------------------------
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier for the update after ``step`` updates: linear 1/w .. 1, then cosine to 0.
+
+    ``warmup_cosine(s) = (s + 1) / w`` for ``s < w``; afterwards
+    ``0.5 (1 + cos(pi (s - w) / (total - w)))``, reaching 0 at ``s = total``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps))
+
+
+# --------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------
+
+
+class EpochSampler:
+    """Batches of indices from a fresh seeded permutation each epoch (last short batch dropped).
+
+    The permutation of epoch e is ``randperm(n)`` from a generator seeded with ``seed + e``, so
+    the state is just (epoch, position) and the order after a resume is the same.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < 1:
+            raise DiffmodelsError("the training split is empty")
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+
+    def next_batch(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._perm = self._permutation()
+        idx = self._perm[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "n": self.n, "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["n"], state["batch_size"], state["seed"]) != (self.n, self.batch_size, self.seed):
+            raise CheckpointError("sampler state is for another dataset size, batch size or seed")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._perm = self._permutation()
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable state
+# --------------------------------------------------------------------------------------------
+
+
+def fingerprint(inputs: Any) -> str:
+    """SHA-256 of a JSON-serialisable description of a run's inputs (params, data, code)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(paths: list[str | Path]) -> dict[str, str]:
+    """``{path: sha256}`` for files that exist (code and data identities for :func:`fingerprint`)."""
+    out = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: EpochSampler
+    generator: torch.Generator  # noise for the reparameterisation (or diffusion) draws
+    scaler: torch.amp.GradScaler | None = None
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable (e.g. loss history)
+
+    def save(self, path: str | Path, fingerprint: str, config: dict[str, Any]) -> None:
+        """Atomically write everything needed to continue at ``self.step``."""
+        opt_skeleton, opt_tensors = split_tensors(self.optimizer.state_dict(), "optimizer")
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update(opt_tensors)
+        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["rng/generator"] = self.generator.get_state()
+        if torch.cuda.is_available():
+            tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        meta = {
+            "kind": "train_state",
+            "fingerprint": fingerprint,
+            "config": config,
+            "step": self.step,
+            "optimizer": opt_skeleton,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "sampler": self.sampler.state_dict(),
+            "extra": self.extra,
+        }
+        save_checkpoint(path, tensors, meta)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Load a checkpoint written by :meth:`save` into this (freshly built) state."""
+        meta, tensors = ckpt.meta, ckpt.tensors
+        device = next(self.model.parameters()).device
+        model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        self.model.load_state_dict(model_state, strict=True)
+        self.optimizer.load_state_dict(join_tensors(meta["optimizer"], tensors))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if self.scaler is not None and meta["scaler"] is not None:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.sampler.load_state_dict(meta["sampler"])
+        torch.set_rng_state(tensors["rng/torch"])
+        self.generator.set_state(tensors["rng/generator"])
+        if "rng/cuda" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
+        self.step, self.extra = int(meta["step"]), meta["extra"]
+
+
+def resume(state: TrainState, path: str | Path, fingerprint: str) -> str:
+    """Restore ``state`` from ``path`` when its fingerprint matches; return a one-line account.
+
+    A missing or unreadable checkpoint, or one written from other inputs, leaves ``state``
+    untouched (a fresh start) and the message says which. A matching checkpoint that fails to
+    load midway is a :class:`CheckpointError` (``state`` may be half-restored).
+    """
+    path = Path(path)
+    if not path.exists():
+        return "no checkpoint: starting from step 0"
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        return f"{exc}: starting fresh from step 0"
+    if ckpt.meta.get("kind") != "train_state" or ckpt.meta.get("fingerprint") != fingerprint:
+        return f"checkpoint {path} was written with other params, data or code: starting fresh from step 0"
+    try:
+        state.restore(ckpt)
+    except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot restore training state ({reason}); delete it to start fresh") from None
+    return f"resumed from {path} at step {state.step}"
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """eval() + no_grad() for the block, then back to the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
