@@ -162,7 +162,56 @@ class LatentsParams:
 
 @dataclass(frozen=True)
 class DdpmParams:
-    pass
+    # Diffusion (diffmodels/schedule.py)
+    schedule: Literal["linear", "scaled_linear", "cosine"]
+    num_steps: Annotated[int, Range(ge=2, le=10000)]
+    beta_start: Annotated[float, Range(gt=0.0, lt=1.0)]
+    beta_end: Annotated[float, Range(gt=0.0, lt=1.0)]
+    prediction: Literal["eps", "x0", "v"]
+    latent_source: Literal["mean", "sample"]
+    # Denoiser (diffmodels/unet.py, diffmodels/serpentine.py)
+    mixer: Literal["serpentine", "attention", "none"]
+    mixer_resolutions: tuple[Annotated[int, Range(ge=1)], ...]
+    base_channels: Annotated[int, Range(ge=8, le=2048)]
+    channel_mults: tuple[Annotated[int, Range(ge=1, le=16)], ...]
+    blocks_per_level: Annotated[int, Range(ge=1, le=8)]
+    norm_groups: Annotated[int, Range(ge=1)]
+    attention_heads: Annotated[int, Range(ge=1)]
+    scan_directions: Literal[1, 2, 4]
+    scan_merge: Literal["sum", "mean"]
+    ssm_state: Annotated[int, Range(ge=1, le=256)]
+    dropout: Fraction
+    conditional: bool
+    cond_dropout: Fraction
+    # Optimisation (diffmodels/train.py)
+    lr: Annotated[float, Range(gt=0.0, le=1.0)]
+    weight_decay: Annotated[float, Range(ge=0.0)]
+    warmup_steps: Annotated[int, Range(ge=0)]
+    steps: Count
+    batch_size: Count
+    grad_clip: Annotated[float, Range(gt=0.0)]
+    ema_decay: Annotated[float, Range(ge=0.0, lt=1.0)]
+    amp: Literal["auto", "bf16", "fp16", "off"]
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    # Bookkeeping
+    checkpoint_every: Count
+    log_every: Count
+    sample_every: Count
+    sample_images: Annotated[int, Range(ge=1, le=64)]
+    sample_steps: Annotated[int, Range(ge=1, le=10000)]
+    sample_guidance: Annotated[float, Range(ge=0.0)]
+
+    def check(self) -> list[str]:
+        errors = []
+        if self.beta_start >= self.beta_end:
+            errors.append(f"ddpm.beta_start must be < ddpm.beta_end (got {self.beta_start:g} >= {self.beta_end:g})")
+        if self.warmup_steps >= self.steps:
+            errors.append(f"ddpm.warmup_steps must be < ddpm.steps (got {self.warmup_steps} >= {self.steps})")
+        if self.sample_steps > self.num_steps:
+            errors.append(f"ddpm.sample_steps must be <= ddpm.num_steps (got {self.sample_steps} > {self.num_steps})")
+        if not self.channel_mults:
+            errors.append("ddpm.channel_mults needs at least one level")
+        return errors
 
 
 @dataclass(frozen=True)

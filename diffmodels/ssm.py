@@ -93,7 +93,7 @@ def ssd_chunked_scan(
         x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
         b, l, h, p = x.shape
         n = B.size(-1)
-        Q = chunk_size
+        Q = min(chunk_size, l)  # a sequence shorter than a chunk is one chunk: no padding work
         pad = (-l) % Q
         if pad:
             # dt = 0 on the padding: decay exp(0) = 1 and input dt*x = 0, so the state passes

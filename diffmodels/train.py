@@ -68,6 +68,19 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    @classmethod
+    def from_mode(cls, device: torch.device, mode: str) -> Precision:
+        """``auto`` (as :meth:`choose` with amp on), ``bf16``, ``fp16`` or ``off``; autocast on CUDA only."""
+        if mode == "auto":
+            return cls.choose(device, True)
+        if mode == "off" or device.type != "cuda":
+            return cls(device, None, None)
+        if mode == "bf16":
+            return cls(device, torch.bfloat16, None)
+        if mode == "fp16":
+            return cls(device, torch.float16, torch.amp.GradScaler("cuda"))
+        raise ValueError(f"amp must be one of auto, bf16, fp16, off; got {mode!r}")
+
     @property
     def name(self) -> str:
         return {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
@@ -200,6 +213,7 @@ class TrainState:
     sampler: EpochSampler
     generator: torch.Generator  # noise for the reparameterisation (or diffusion) draws
     scaler: torch.amp.GradScaler | None = None
+    ema: Any = None  # anything with state_dict() -> {name: tensor} and load_state_dict() (diffmodels.ddpm.EMA)
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable (e.g. loss history)
 
@@ -208,6 +222,8 @@ class TrainState:
         opt_skeleton, opt_tensors = split_tensors(self.optimizer.state_dict(), "optimizer")
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         tensors.update(opt_tensors)
+        if self.ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
         tensors["rng/torch"] = torch.get_rng_state()
         tensors["rng/generator"] = self.generator.get_state()
         if torch.cuda.is_available():
@@ -236,6 +252,8 @@ class TrainState:
         if self.scaler is not None and meta["scaler"] is not None:
             self.scaler.load_state_dict(meta["scaler"])
         self.sampler.load_state_dict(meta["sampler"])
+        if self.ema is not None:
+            self.ema.load_state_dict({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
         torch.set_rng_state(tensors["rng/torch"])
         self.generator.set_state(tensors["rng/generator"])
         if "rng/cuda" in tensors and device.type == "cuda":

@@ -209,7 +209,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """x (B, C, H, W) noisy latents, t (B,) steps, labels (B,) in 0..num_classes (the last is null)."""
-        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(self.stem.weight.dtype))
         if self.label_emb is not None:
             if labels is None:
                 labels = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
@@ -218,18 +218,18 @@ class UNet(nn.Module):
         h = self.stem(x)
         skips = [h]
         for block in self.down:
-            h = self._apply(block, h, emb)
+            h = self._run_block(block, h, emb)
             skips.append(h)
         for block in self.mid:
             h = block(h, emb) if isinstance(block, ResBlock) else block(h)
         for block in self.up:
             if isinstance(block, nn.ModuleList):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = self._apply(block, h, emb)
+            h = self._run_block(block, h, emb)
         return self.out(h)
 
     @staticmethod
-    def _apply(block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+    def _run_block(block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
         if isinstance(block, nn.ModuleList):  # (ResBlock, context)
             res, context = block
             return context(res(h, emb))

@@ -81,3 +81,11 @@ def test_config_round_trip_and_timestep_embedding():
     emb = timestep_embedding(torch.tensor([0, 1, 2]), 7)
     assert emb.shape == (3, 7)
     assert torch.allclose(emb[0, :3], torch.ones(3)) and torch.allclose(emb[0, 3:6], torch.zeros(3))
+
+
+def test_moves_between_dtypes_and_devices():
+    """.to() goes through nn.Module._apply, which a helper of the same name once shadowed."""
+    model = UNet(config(mixer="attention")).to(torch.float64).to("cpu")
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    out = model(torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.tensor([3]))
+    assert out.dtype == torch.float64
