@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,8 +34,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from benchmarks.measure import peak_mib, time_ms  # noqa: E402
 from diffmodels.io import write_json  # noqa: E402
 from diffmodels.serpentine import SerpentineBlock  # noqa: E402
 from diffmodels.ssm import selective_scan_reference, ssd_chunked_scan  # noqa: E402
@@ -47,7 +45,6 @@ GRIDS = (8, 16, 32, 64, 128)
 # about 13 GB, more than this benchmark should ask of a shared CPU machine.
 MATH_ATTENTION_MAX_GRID = 64
 BLOCKS = ("serpentine", "attention", "attention_unfused")
-MIB = 2**20
 
 
 class AttentionBlock(nn.Module):
@@ -72,59 +69,6 @@ class AttentionBlock(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
         y = self.out_proj(y.transpose(1, 2).reshape(b, h * w, c))  # (B, L, C)
         return x + y.transpose(1, 2).reshape(b, c, h, w)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:
-    """(median, min) wall time of ``fn`` in ms (CUDA events on a GPU). The caller warmed it up.
-
-    The minimum is reported beside the median because other jobs may share the CPU: contention
-    only ever adds time, so the fastest repeat is the best estimate of the cost itself.
-    """
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times), min(times)
-
-
-def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak bytes held by tensors while ``fn`` runs, above what was held when it started, in MiB."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - start) / MIB
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Each allocation record carries the allocator's running total after it; replay them in order.
-    records = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == torch._C._profiler._EventType.Allocation and node.extra_fields.device.type == "cpu":
-            records.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
-    if not records:
-        raise RuntimeError("the profiler recorded no CPU allocations; cannot measure memory")
-    records.sort()
-    start = records[0][2] - records[0][1]
-    return (max(total for _, _, total in records) - start) / MIB
 
 
 def step_fn(block: nn.Module, x: Tensor) -> Callable[[], None]:

@@ -35,7 +35,7 @@ from diffmodels.io import write_json, write_text
 from diffmodels.samplers import classifier_free_guidance, ddim_steps, run as run_sampler
 from diffmodels.schedule import NoiseSchedule
 from diffmodels.train import (
-    EpochSampler, Precision, TrainState, backward_and_step, check_finite, evaluating, file_digest,
+    EpochSampler, Precision, TrainState, backward_and_step, check_finite, file_digest,
     fingerprint, make_scheduler, resume, select_device,
 )
 from diffmodels.unet import UNet, UNetConfig

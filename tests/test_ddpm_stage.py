@@ -10,7 +10,6 @@ import yaml
 from diffmodels.checkpoint import load_checkpoint
 from diffmodels.ddpm import load_denoiser
 from stages import cache_latents, train_ddpm, train_vae
-from tests.conftest import ROOT
 from tests.vae_support import one_thread, tiny_params, tiny_prepared
 
 pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_store")

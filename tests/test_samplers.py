@@ -1,6 +1,5 @@
 """Samplers against analytic cases and whole diffusers trajectories with the same noise."""
 
-import math
 
 import pytest
 import torch

@@ -1,0 +1,96 @@
+"""Denoiser training throughput: latents per second and peak memory of one step (SPEC 11).
+
+    python -m benchmarks.train_step [--out reports/bench] [--batch 32] [--sizes 8 32] [--repeats 5]
+
+For each mixer (serpentine, attention, none) and latent size it builds the UNet of the default
+``ddpm`` params (context blocks at every level), and times one full training step: the DDPM
+loss (:func:`diffmodels.ddpm.diffusion_loss`), backward, gradient clipping and an AdamW update.
+On CUDA it also runs the step under bf16 autocast. Prints a table and writes
+``<out>/train_step.json``. Timing and memory as in :mod:`benchmarks.measure`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from benchmarks.measure import peak_mib, time_ms
+from diffmodels.config import load_params
+from diffmodels.ddpm import diffusion_loss
+from diffmodels.io import write_json
+from diffmodels.schedule import NoiseSchedule
+from diffmodels.unet import UNet, UNetConfig
+
+MIXERS = ("serpentine", "attention", "none")
+
+
+def build(p, mixer: str, size: int, channels: int, device: torch.device) -> UNet:
+    levels = len(p.channel_mults)
+    cfg = UNetConfig(
+        in_channels=channels, latent_size=size, base_channels=p.base_channels, channel_mults=tuple(p.channel_mults),
+        blocks_per_level=p.blocks_per_level, mixer=mixer, mixer_resolutions=tuple(size // 2**i for i in range(levels)),
+        num_classes=10, norm_groups=p.norm_groups, attention_heads=p.attention_heads,
+        serpentine_directions=p.scan_directions, serpentine_merge=p.scan_merge, serpentine_state=p.ssm_state,
+    )
+    return UNet(cfg).to(device)
+
+
+def bench(p, mixer: str, size: int, batch: int, device: torch.device, amp: torch.dtype | None, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = build(p, mixer, size, 4, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    schedule = NoiseSchedule.from_kind(p.schedule, p.num_steps, p.beta_start, p.beta_end).to(device)
+    z0 = torch.randn(batch, 4, size, size, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    g = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = diffusion_loss(model, schedule, z0, labels, g, cond_dropout=0.1, null_label=model.null_label)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    step()  # warm-up (allocations, kernel selection)
+    median, fastest = time_ms(step, repeats, device)
+    return {
+        "mixer": mixer, "latent": size, "batch": batch, "precision": {None: "float32", torch.bfloat16: "bf16"}[amp],
+        "device": str(device), "step_ms_median": round(median, 1), "step_ms_min": round(fastest, 1),
+        "latents_per_s": round(batch / (median / 1e3), 1), "peak_mib": round(peak_mib(step, device), 1),
+        "parameters": sum(q.numel() for q in model.parameters()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/bench"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    p = load_params(args.params).ddpm
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precisions = [None, torch.bfloat16] if device.type == "cuda" else [None]
+    rows = []
+    print(f"{'mixer':<11}{'latent':>7}{'prec':>9}{'ms (median)':>13}{'ms (min)':>10}{'latents/s':>11}{'peak MiB':>10}{'params':>11}")
+    for size in args.sizes:
+        for mixer in MIXERS:
+            for amp in precisions:
+                r = bench(p, mixer, size, args.batch, device, amp, args.repeats)
+                rows.append(r)
+                print(f"{r['mixer']:<11}{size:>4}x{size:<2}{r['precision']:>9}{r['step_ms_median']:>13.1f}"
+                      f"{r['step_ms_min']:>10.1f}{r['latents_per_s']:>11.1f}{r['peak_mib']:>10.1f}{r['parameters']:>11,}")
+    write_json(args.out / "train_step.json", {
+        "device": str(device), "threads": torch.get_num_threads(), "batch": args.batch, "rows": rows,
+        "timing": "median and min of repeats of one full step (loss, backward, clip, AdamW)",
+        "memory": "peak tensor bytes above the step's start (CUDA allocator / CPU profiler records)",
+    })
+    print(f"wrote {args.out / 'train_step.json'}")
+
+
+if __name__ == "__main__":
+    main()
