@@ -216,7 +216,24 @@ class DdpmParams:
 
 @dataclass(frozen=True)
 class SampleParams:
-    pass
+    num_images: Annotated[int, Range(ge=2, le=100000)]  # per sampler, for the grids and FID/KID
+    batch_size: Count
+    ddpm_variance: Literal["beta", "posterior"]  # sigma_t^2 of ancestral DDPM (SPEC 5.4)
+    ddim_steps: Annotated[int, Range(ge=1, le=10000)]
+    ddim_eta: Annotated[float, Range(ge=0.0, le=1.0)]
+    guidance_scales: tuple[Annotated[float, Range(ge=0.0)], ...]  # one class-conditional row set each
+    strip_points: Annotated[int, Range(ge=2, le=50)]  # decoded x0 estimates in the denoising strip
+    why_iterate_steps: tuple[Annotated[int, Range(ge=1)], ...]  # noise levels t of the "why iterate" figure
+    anagram_classes: tuple[Annotated[int, Range(ge=0)], ...]  # (upright class, flipped class)
+    anagram_guidance: Annotated[float, Range(ge=0.0)]
+
+    def check(self) -> list[str]:
+        errors = []
+        if len(self.anagram_classes) != 2:
+            errors.append(f"sample.anagram_classes needs exactly 2 class indices (got {len(self.anagram_classes)})")
+        if not self.guidance_scales:
+            errors.append("sample.guidance_scales needs at least one scale")
+        return errors
 
 
 @dataclass(frozen=True)
@@ -226,7 +243,9 @@ class InpaintParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    pass
+    fid_real_images: Annotated[int, Range(ge=2)]  # test images in the FID/KID reference set
+    fid_batch_size: Count  # images per InceptionV3 batch
+    kid_subsets: Count  # random subsets averaged by KID
 
 
 @dataclass(frozen=True)

@@ -142,3 +142,20 @@ def classifier_free_guidance(
         return out_u + scale * (out_c - out_u)
 
     return denoise_fn
+
+
+def visual_anagram(upright: DenoiseFn, flipped: DenoiseFn, flip: Callable[[Tensor], Tensor]) -> DenoiseFn:
+    """Visual anagrams (Geng et al. 2024, "Visual Anagrams", eq. 3): average the prediction for the
+    upright latent with the un-flipped prediction for the flipped latent,
+
+        out(x, t) = 1/2 [ upright(x, t) + flip^-1( flipped(flip(x), t) ) ],
+
+    so the sample reads as the first condition upright and the second after ``flip``. ``flip``
+    must be an orthogonal pixel permutation that is its own inverse (a vertical or horizontal
+    flip, a 180-degree rotation), which keeps the noise statistics of eps-prediction intact.
+    """
+
+    def denoise_fn(x: Tensor, t: Tensor) -> Tensor:
+        return 0.5 * (upright(x, t) + flip(flipped(flip(x), t)))
+
+    return denoise_fn

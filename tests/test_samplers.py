@@ -145,3 +145,18 @@ def test_ddim_trajectory_matches_diffusers(eta):
         x = out.prev_sample if not last else out.pred_original_sample  # diffusers' last step lands on alpha_bar = 1
         assert (step.x - x).abs().max() < 1e-10, f"t={step.t}: {(step.x - x).abs().max()}"
     assert ours[-1].t_prev == 0 and torch.allclose(ours[-1].x, ours[-1].x0)
+
+
+def test_visual_anagram_averages_upright_and_unflipped_predictions():
+    flip = lambda x: x.flip(-2)  # noqa: E731
+    up = lambda x, t: x * 2.0  # noqa: E731
+    down = lambda x, t: x + t.reshape(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
+    from diffmodels.samplers import visual_anagram
+
+    x, t = torch.randn(2, 1, 4, 3), torch.tensor([3, 5])
+    out = visual_anagram(up, down, flip)(x, t)
+    expected = 0.5 * (2 * x + (x.flip(-2) + t.reshape(-1, 1, 1, 1)).flip(-2))
+    assert torch.allclose(out, expected)
+    # symmetric roles: swapping the conditions and viewing flipped gives the same function
+    swapped = visual_anagram(down, up, flip)
+    assert torch.allclose(flip(swapped(flip(x), t)), out)

@@ -1,0 +1,52 @@
+"""Stage fid_reference: InceptionV3 features of the test split, the reference set of every FID/KID.
+
+    python -m stages.fid_reference --prepared data/prepared --out data/fid/test_features.safetensors
+
+Computed once and reused by ``sample`` and ``eval_inpaint``, so changing a sampler does not
+recompute the real statistics. The first ``eval.fid_real_images`` test images (seeded order of
+the prepare stage) are used.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from diffmodels import tracking
+from diffmodels.checkpoint import save_checkpoint
+from diffmodels.config import load_params
+from diffmodels.data import load_split
+from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, inception_features
+from diffmodels.train import select_device
+from stages._cli import base_parser, stage_main
+
+GROUPS = ("eval",)
+
+parser = base_parser(__doc__.splitlines()[0])
+parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+parser.add_argument("--out", type=Path, default=Path("data/fid/test_features.safetensors"))
+
+
+def run(args) -> None:
+    params = load_params(args.params)
+    p = params.eval
+    started = time.perf_counter()
+    test = load_split(args.prepared, "test")
+    images = np.asarray(test.images[: p.fid_real_images])
+    device = select_device("auto")
+    with tracking.stage_run("fid_reference", params, GROUPS):
+        feats = inception_features(images, InceptionFeatures(), p.fid_batch_size, device)
+        save_checkpoint(args.out, {"features": feats}, {"kind": "fid_features", "extractor": EXTRACTOR,
+                                                        "split": "test", "num_images": len(images)})
+        mlflow.log_metrics({"num_images": len(images), "seconds": time.perf_counter() - started})
+        mlflow.set_tag("extractor", EXTRACTOR)
+    print(f"fid_reference: {len(images)} test images -> {tuple(feats.shape)} features ({time.perf_counter() - started:.0f}s)")
+
+
+main = stage_main(run, parser)
+
+if __name__ == "__main__":
+    main()
