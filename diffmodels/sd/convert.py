@@ -23,6 +23,7 @@ SDXL, 9-channel inpainting UNets, v-prediction checkpoints that declare it, pick
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -269,13 +270,15 @@ def read_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            text = str(exc)
+            if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
                 raise CheckpointError(
-                    f"{path}: refused to unpickle (torch.load weights_only=True rejects it: {reason[:120]}); "
-                    "convert it to .safetensors with a tool you trust"
+                    f"{path}: refused to unpickle: it imports {m[1]}, which torch.load(weights_only=True) "
+                    "does not allow (it could run code); convert it to .safetensors with a tool you trust"
                 ) from None
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason[:160]}); is it truncated?") from None
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", text) or re.search(r"(.+)", text)
+            reason = reason[1].strip()[:120] if reason else type(exc).__name__
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason}); is it truncated?") from None
     else:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .ckpt, .pt, .pth or .bin")
     while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
