@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,18 @@ from diffmodels.sd.vae import VAEConfig  # noqa: E402
 UNET_CONFIG = SDUNetConfig.tiny()  # 32/64 channels, attention at level 0, 2 heads, 32-d context
 VAE_CONFIG = VAEConfig.tiny()  # 32/64 channels
 CLIP_CONFIG = CLIPTextConfig.tiny()  # width 32, 2 layers, 4 heads
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run tiny models on one thread: on a shared, loaded CPU, OpenMP's worker hand-offs cost far
+    more than these few-kilobyte convolutions (measured ~100x slower with 2 threads here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

@@ -18,6 +18,11 @@ sd_reference = pytest.importorskip("sd_reference")
 CONFIGS = dict(unet_config=sd_reference.UNET_CONFIG, vae_config=sd_reference.VAE_CONFIG, clip_config=sd_reference.CLIP_CONFIG)
 UNET_W = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with sd_reference.one_thread():
+        yield
+
 
 @pytest.fixture(scope="module")
 def ref():

@@ -17,6 +17,11 @@ sd_reference = pytest.importorskip("sd_reference")
 
 TOL = 1e-4
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with sd_reference.one_thread():
+        yield
+
 
 @pytest.fixture(scope="module")
 def ref():

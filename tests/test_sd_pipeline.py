@@ -19,6 +19,11 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse"]
 TOL = 1e-4
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with sd_reference.one_thread():
+        yield
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
