@@ -8,13 +8,16 @@ shows up as a conversion error or an output mismatch.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,12 +27,15 @@ from transformers import CLIPTextConfig as HFCLIPConfig  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
 from diffmodels.sd.clip import CLIPTextConfig  # noqa: E402
+from diffmodels.sd.convert import SDModels, convert_checkpoint  # noqa: E402
+from diffmodels.sd.tokenizer import CLIPTokenizer  # noqa: E402
 from diffmodels.sd.unet import SDUNetConfig  # noqa: E402
 from diffmodels.sd.vae import VAEConfig  # noqa: E402
 
 UNET_CONFIG = SDUNetConfig.tiny()  # 32/64 channels, attention at level 0, 2 heads, 32-d context
 VAE_CONFIG = VAEConfig.tiny()  # 32/64 channels
 CLIP_CONFIG = CLIPTextConfig.tiny()  # width 32, 2 layers, 4 heads
+CONFIGS = dict(unet_config=UNET_CONFIG, vae_config=VAE_CONFIG, clip_config=CLIP_CONFIG)
 
 
 @contextmanager
@@ -160,3 +166,18 @@ def original_state_dict(ref: Reference, text_model_level: bool = True) -> dict[s
             k = k[len("text_model.") :]
         sd["cond_stage_model.transformer." + k] = v.clone()
     return sd
+
+
+def convert_reference(ref: Reference, folder: Path) -> SDModels:
+    """Save ``ref`` as an original single-file checkpoint in ``folder`` and convert it back."""
+    path = folder / "tiny.safetensors"
+    save_file(original_state_dict(ref), str(path))
+    return convert_checkpoint(path, **CONFIGS)
+
+
+def write_tokenizer_folder(tokenizer: CLIPTokenizer, folder: Path) -> Path:
+    """``tokenizer``'s vocabulary as a diffusers ``tokenizer/`` folder (vocab.json + merges.txt)."""
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
+    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    return folder

@@ -15,8 +15,9 @@ from diffmodels.schedule import NoiseSchedule
 from diffmodels.sd.convert import convert_checkpoint, convert_diffusers_folder, convert_state_dict
 
 sd_reference = pytest.importorskip("sd_reference")
-CONFIGS = dict(unet_config=sd_reference.UNET_CONFIG, vae_config=sd_reference.VAE_CONFIG, clip_config=sd_reference.CLIP_CONFIG)
+CONFIGS = sd_reference.CONFIGS
 UNET_W = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -17,6 +17,7 @@ sd_reference = pytest.importorskip("sd_reference")
 
 TOL = 1e-4
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     with sd_reference.one_thread():
@@ -30,14 +31,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def ours(ref, tmp_path_factory):
-    path = tmp_path_factory.mktemp("sd") / "tiny.safetensors"
-    save_file(sd_reference.original_state_dict(ref), str(path))
-    return convert_checkpoint(
-        path,
-        unet_config=sd_reference.UNET_CONFIG,
-        vae_config=sd_reference.VAE_CONFIG,
-        clip_config=sd_reference.CLIP_CONFIG,
-    )
+    return sd_reference.convert_reference(ref, tmp_path_factory.mktemp("sd"))
 
 
 def _max_diff(a, b) -> float:
@@ -85,7 +79,7 @@ def test_clip_keys_without_text_model_level(ref, tmp_path):
     sd = sd_reference.original_state_dict(ref, text_model_level=False)
     sd["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77)[None]
     save_file(sd, str(path))
-    models = convert_checkpoint(path, unet_config=sd_reference.UNET_CONFIG, vae_config=sd_reference.VAE_CONFIG, clip_config=sd_reference.CLIP_CONFIG)
+    models = convert_checkpoint(path, **sd_reference.CONFIGS)
     w = ref.text_encoder.state_dict()
     key = "text_model.final_layer_norm.weight" if "text_model.final_layer_norm.weight" in w else "final_layer_norm.weight"
     assert torch.equal(models.text_encoder.final_layer_norm.weight, w[key])

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from diffmodels.sd.convert import convert_checkpoint
 from diffmodels.sd.pipeline import StableDiffusion, sd_timesteps
 from diffmodels.sd.tokenizer import CLIPTokenizer
 
@@ -18,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse"]
 TOL = 1e-4
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -29,18 +26,9 @@ def _one_thread():
 def pair(tmp_path_factory):
     ref = sd_reference.build_reference(seed=1)
     tmp = tmp_path_factory.mktemp("sdpipe")
-    save_file(sd_reference.original_state_dict(ref), str(tmp / "tiny.safetensors"))
-    converted = convert_checkpoint(
-        tmp / "tiny.safetensors",
-        unet_config=sd_reference.UNET_CONFIG,
-        vae_config=sd_reference.VAE_CONFIG,
-        clip_config=sd_reference.CLIP_CONFIG,
-    )
+    converted = sd_reference.convert_reference(ref, tmp)
     tokenizer = CLIPTokenizer.default()
-    (tmp / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
-    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp), model_max_length=77)
+    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(str(sd_reference.write_tokenizer_folder(tokenizer, tmp)), model_max_length=77)
     ours = StableDiffusion(converted.unet.eval(), converted.vae.eval(), converted.text_encoder.eval(), tokenizer)
     return ours, ref, hf_tokenizer
 

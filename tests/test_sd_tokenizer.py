@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -11,6 +9,7 @@ from diffmodels.errors import CheckpointError
 from diffmodels.sd.tokenizer import CLIPTokenizer
 
 transformers = pytest.importorskip("transformers")
+sd_reference = pytest.importorskip("sd_reference")
 
 PROMPTS = [
     "a photo of a cat",
@@ -77,11 +76,7 @@ def ours():
 @pytest.fixture(scope="module")
 def folder(ours, tmp_path_factory):
     """vocab.json + merges.txt derived from the packaged BPE file, as a diffusers tokenizer/."""
-    d = tmp_path_factory.mktemp("tokenizer")
-    (d / "vocab.json").write_text(json.dumps(ours.encoder), encoding="utf-8")
-    merges = sorted(ours.ranks, key=ours.ranks.get)
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    return d
+    return sd_reference.write_tokenizer_folder(ours, tmp_path_factory.mktemp("tokenizer"))
 
 
 def test_vocabulary_layout(ours):
