@@ -19,15 +19,9 @@ CONFIGS = sd_reference.CONFIGS
 UNET_W = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with sd_reference.one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def ref():
-    return sd_reference.build_reference()
+def ref(sd_ref):
+    return sd_ref
 
 
 @pytest.fixture

@@ -18,15 +18,9 @@ sd_reference = pytest.importorskip("sd_reference")
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with sd_reference.one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def ref():
-    return sd_reference.build_reference()
+def ref(sd_ref):
+    return sd_ref
 
 
 @pytest.fixture(scope="module")

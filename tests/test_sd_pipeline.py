@@ -16,15 +16,9 @@ PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse"]
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with sd_reference.one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    ref = sd_reference.build_reference(seed=1)
+def pair(sd_ref, tmp_path_factory):
+    ref = sd_ref
     tmp = tmp_path_factory.mktemp("sdpipe")
     converted = sd_reference.convert_reference(ref, tmp)
     tokenizer = CLIPTokenizer.default()
