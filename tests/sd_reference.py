@@ -154,9 +154,11 @@ def vae_to_original(key: str, levels: int = 2) -> str:
 
 def original_state_dict(ref: Reference, text_model_level: bool = True) -> dict[str, Tensor]:
     """All three components under their single-file prefixes, as a CompVis checkpoint stores them."""
-    sd = {"model.diffusion_model." + unet_to_original(k): v.clone() for k, v in ref.unet.state_dict().items()}
+    L = ref.unet.config.layers_per_block
+    up_attention = tuple("CrossAttn" in t for t in ref.unet.config.up_block_types)
+    sd = {"model.diffusion_model." + unet_to_original(k, L, up_attention): v.clone() for k, v in ref.unet.state_dict().items()}
     for k, v in ref.vae.state_dict().items():
-        k = vae_to_original(k)
+        k = vae_to_original(k, len(ref.vae.config.block_out_channels))
         if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", k):
             v = v[:, :, None, None]  # the original stores these projections as 1x1 convolutions
         sd["first_stage_model." + k] = v.clone()

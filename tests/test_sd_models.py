@@ -83,6 +83,37 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def test_full_size_original_layout_converts():
+    """diffusers' and transformers' own full-size v1-5 architectures, on the meta device (shapes
+    only), saved in the original layout with EMA copies and schedule buffers, fill ours exactly."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig as HFCLIPConfig
+    from transformers import CLIPTextModel
+
+    from diffmodels.sd.convert import convert_state_dict
+
+    with torch.device("meta"):
+        ref = sd_reference.Reference(
+            UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),  # defaults are v1's otherwise
+            DiffusersVAE(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4),
+            CLIPTextModel(HFCLIPConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")),
+        )  # fmt: skip
+    sd = sd_reference.original_state_dict(ref)
+    for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
+        sd["model_ema." + k[len("model.") :].replace(".", "")] = sd[k]
+    sd["alphas_cumprod"] = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)
+    assert len(sd) == 686 * 2 + 248 + 196 + 1
+    with torch.device("meta"):
+        models = convert_state_dict(sd)
+    assert models.used_ema
+    assert _count(models.unet) == 859_520_964
+    assert _count(models.vae) == 83_653_863
+    assert _count(models.text_encoder) == 123_060_480
+
+
 def test_full_size_parameter_counts():
     with torch.device("meta"):  # shapes only: no memory, no init time
         unet, vae, text = SDUNet(SDUNetConfig.full()), AutoencoderKL(VAEConfig.full()), CLIPTextEncoder(CLIPTextConfig.full())
