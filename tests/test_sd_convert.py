@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from diffmodels.errors import CheckpointError
 from diffmodels.schedule import NoiseSchedule
@@ -182,6 +182,19 @@ def test_diffusers_folder(ref, tmp_path):
     assert (models.vae.decode(z) - ref.vae.decode(z).sample).abs().max() < 1e-4
     ids = torch.randint(0, 49408, (1, 77), generator=g)
     assert (models.text_encoder(ids) - ref.text_encoder(input_ids=ids).last_hidden_state).abs().max() < 1e-4
+
+    # older diffusers folders name the VAE attention query/key/value/proj_attn
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    vae_file = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    renamed = {}
+    for k, v in load_file(str(vae_file)).items():
+        for new, old in old_names.items():
+            k = k.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        renamed[k] = v
+    assert any(".query." in k for k in renamed)
+    save_file(renamed, str(vae_file))
+    old = convert_diffusers_folder(tmp_path, **CONFIGS)
+    assert (old.vae.decode(z) - ref.vae.decode(z).sample).abs().max() < 1e-4
 
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
     with pytest.raises(CheckpointError, match="prediction_type 'v_prediction'"):

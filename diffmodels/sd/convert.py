@@ -97,6 +97,11 @@ def transformer_rows(src: str, tgt: str, depth: int, diffusers: bool = False) ->
     return rows
 
 
+def _module(src: str, tgt: str, params: tuple[str, ...] = WB) -> list[Row]:
+    """One module's parameters, renamed whole (``src``/``tgt`` name the module itself)."""
+    return [(f"{src}.{p}", f"{tgt}.{p}", None) for p in params]
+
+
 def unet_rows(c: SDUNetConfig, src: str = UNET_PREFIX, diffusers: bool = False) -> list[Row]:
     """The whole UNet, walking levels exactly as :class:`SDUNet` builds them. Diffusers names:
     ``down_blocks.b.resnets.j``, ``mid_block``, ``up_blocks.b`` (deepest first), ``conv_in``..."""
@@ -105,34 +110,42 @@ def unet_rows(c: SDUNetConfig, src: str = UNET_PREFIX, diffusers: bool = False) 
     def name(original: str, diffusers_name: str) -> str:
         return src + (diffusers_name if diffusers else original)
 
-    rows = _rows(name("time_embed.", "time_embedding."), "time_embed.", {"0": "linear_1", "2": "linear_2"} if diffusers else _same("0", "2"))
-    rows += _rows(name("input_blocks.0.0", "conv_in"), "input_blocks.0.0", {"": ""})
+    def res(ours: str, theirs: str, has_skip: bool) -> list[Row]:  # ours == the original name
+        return unet_resblock_rows(name(ours, theirs) + ".", ours + ".", has_skip, diffusers)
+
+    def attn(ours: str, theirs: str) -> list[Row]:
+        return transformer_rows(name(ours, theirs) + ".", ours + ".", c.transformer_depth, diffusers)
+
+    rows = _module(name("time_embed.0", "time_embedding.linear_1"), "time_embed.0")
+    rows += _module(name("time_embed.2", "time_embedding.linear_2"), "time_embed.2")
+    rows += _module(name("input_blocks.0.0", "conv_in"), "input_blocks.0.0")
     k, ch = 1, mc
     for b, mult in enumerate(c.channel_mult):
         for j in range(L):
-            rows += unet_resblock_rows(name(f"input_blocks.{k}.0.", f"down_blocks.{b}.resnets.{j}."), f"input_blocks.{k}.0.", ch != mult * mc, diffusers)
+            rows += res(f"input_blocks.{k}.0", f"down_blocks.{b}.resnets.{j}", ch != mult * mc)
             ch = mult * mc
             if b in c.attention_levels:
-                rows += transformer_rows(name(f"input_blocks.{k}.1.", f"down_blocks.{b}.attentions.{j}."), f"input_blocks.{k}.1.", c.transformer_depth, diffusers)
+                rows += attn(f"input_blocks.{k}.1", f"down_blocks.{b}.attentions.{j}")
             k += 1
         if b < last:
-            rows += _rows(name(f"input_blocks.{k}.0.op", f"down_blocks.{b}.downsamplers.0.conv"), f"input_blocks.{k}.0.op", {"": ""})
+            rows += _module(name(f"input_blocks.{k}.0.op", f"down_blocks.{b}.downsamplers.0.conv"), f"input_blocks.{k}.0.op")
             k += 1
-    for i, dname in enumerate(["resnets.0.", "attentions.0.", "resnets.1."]):
-        s, t = name(f"middle_block.{i}.", "mid_block." + dname), f"middle_block.{i}."
-        rows += transformer_rows(s, t, c.transformer_depth, diffusers) if i == 1 else unet_resblock_rows(s, t, False, diffusers)
+    rows += res("middle_block.0", "mid_block.resnets.0", False)
+    rows += attn("middle_block.1", "mid_block.attentions.0")
+    rows += res("middle_block.2", "mid_block.resnets.1", False)
     k = 0
-    for b, level in enumerate(reversed(range(len(c.channel_mult)))):
-        attn = level in c.attention_levels
+    for b, level in enumerate(reversed(range(len(c.channel_mult)))):  # b: diffusers' up-block index
+        has_attn = level in c.attention_levels
         for j in range(L + 1):
-            rows += unet_resblock_rows(name(f"output_blocks.{k}.0.", f"up_blocks.{b}.resnets.{j}."), f"output_blocks.{k}.0.", True, diffusers)
-            if attn:
-                rows += transformer_rows(name(f"output_blocks.{k}.1.", f"up_blocks.{b}.attentions.{j}."), f"output_blocks.{k}.1.", c.transformer_depth, diffusers)
+            rows += res(f"output_blocks.{k}.0", f"up_blocks.{b}.resnets.{j}", True)
+            if has_attn:
+                rows += attn(f"output_blocks.{k}.1", f"up_blocks.{b}.attentions.{j}")
             if level > 0 and j == L:
-                u = f"output_blocks.{k}.{1 + attn}.conv"
-                rows += _rows(name(u, f"up_blocks.{b}.upsamplers.0.conv"), u, {"": ""})
+                up = f"output_blocks.{k}.{1 + has_attn}.conv"
+                rows += _module(name(up, f"up_blocks.{b}.upsamplers.0.conv"), up)
             k += 1
-    rows += _rows(name("out.", "conv_"), "out.", {"0": "norm_out", "2": "out"} if diffusers else _same("0", "2"))
+    rows += _module(name("out.0", "conv_norm_out"), "out.0")
+    rows += _module(name("out.2", "conv_out"), "out.2")
     return rows
 
 
@@ -161,52 +174,52 @@ def vae_rows(c: VAEConfig, src: str = VAE_PREFIX, diffusers: bool = False, attn_
     decoder ``up_blocks`` in REVERSED order (up_blocks.0 is the deepest, our up.{n-1})."""
     chans = [c.base_channels * m for m in c.channel_mult]
     n = len(chans)
-    if diffusers:
-        attn_names = attn_names or _DIFFUSERS_VAE_ATTN
-    rows: list[Row] = []
+    attn_names = attn_names or (_DIFFUSERS_VAE_ATTN if diffusers else None)
 
-    def mid(part: str) -> None:
-        nonlocal rows
-        s = src + part + (".mid_block." if diffusers else ".mid.")
-        t = part + ".mid."
-        rows += vae_resnet_rows(s + ("resnets.0." if diffusers else "block_1."), t + "block_1.", False, diffusers)
-        rows += vae_attn_rows(s + ("attentions.0." if diffusers else "attn_1."), t + "attn_1.", attn_names)
-        rows += vae_resnet_rows(s + ("resnets.1." if diffusers else "block_2."), t + "block_2.", False, diffusers)
+    def name(original: str, diffusers_name: str) -> str:
+        return src + (diffusers_name if diffusers else original)
 
-    rows += _rows(src + "encoder.", "encoder.", _same("conv_in"))
+    def res(ours: str, theirs: str, has_skip: bool) -> list[Row]:  # ours == the original name
+        return vae_resnet_rows(name(ours, theirs) + ".", ours + ".", has_skip, diffusers)
+
+    def mid(part: str) -> list[Row]:
+        return (
+            res(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
+            + vae_attn_rows(name(f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0."), f"{part}.mid.attn_1.", attn_names)
+            + res(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
+        )
+
+    def ends(part: str) -> list[Row]:
+        return _module(name(f"{part}.norm_out", f"{part}.conv_norm_out"), f"{part}.norm_out") + _module(src + f"{part}.conv_out", f"{part}.conv_out")
+
+    rows = _module(src + "encoder.conv_in", "encoder.conv_in")
     ch = chans[0]
     for i, out in enumerate(chans):
-        lvl = f"down_blocks.{i}." if diffusers else f"down.{i}."
         for j in range(c.num_res_blocks):
-            rows += vae_resnet_rows(f"{src}encoder.{lvl}{'resnets' if diffusers else 'block'}.{j}.", f"encoder.down.{i}.block.{j}.", ch != out, diffusers)
+            rows += res(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", ch != out)
             ch = out
         if i < n - 1:
-            rows += _rows(f"{src}encoder.{lvl}", f"encoder.down.{i}.", {"downsample.conv": "downsamplers.0.conv" if diffusers else "downsample.conv"})
-    mid("encoder")
-    rows += _rows(src + "encoder.", "encoder.", {"norm_out": "conv_norm_out" if diffusers else "norm_out", "conv_out": "conv_out"})
+            rows += _module(name(f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"), f"encoder.down.{i}.downsample.conv")
+    rows += mid("encoder") + ends("encoder")
 
-    rows += _rows(src + "decoder.", "decoder.", _same("conv_in"))
-    mid("decoder")
+    rows += _module(src + "decoder.conv_in", "decoder.conv_in") + mid("decoder")
     for i in reversed(range(n)):  # in the order the decoder runs them, deepest first
-        out = chans[i]
-        lvl = f"up_blocks.{n - 1 - i}." if diffusers else f"up.{i}."
+        out, d = chans[i], n - 1 - i  # d: diffusers' up-block index
         for j in range(c.num_res_blocks + 1):
-            rows += vae_resnet_rows(f"{src}decoder.{lvl}{'resnets' if diffusers else 'block'}.{j}.", f"decoder.up.{i}.block.{j}.", ch != out, diffusers)
+            rows += res(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{d}.resnets.{j}", ch != out)
             ch = out
         if i > 0:
-            rows += _rows(f"{src}decoder.{lvl}", f"decoder.up.{i}.", {"upsample.conv": "upsamplers.0.conv" if diffusers else "upsample.conv"})
-    rows += _rows(src + "decoder.", "decoder.", {"norm_out": "conv_norm_out" if diffusers else "norm_out", "conv_out": "conv_out"})
-    rows += _rows(src, "", _same("quant_conv", "post_quant_conv"))
-    return rows
+            rows += _module(name(f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{d}.upsamplers.0.conv"), f"decoder.up.{i}.upsample.conv")
+    rows += ends("decoder")
+    return rows + _module(src + "quant_conv", "quant_conv") + _module(src + "post_quant_conv", "post_quant_conv")
 
 
 def clip_rows(c: CLIPTextConfig, src: str) -> list[Row]:
     """CLIPTextModel (Hugging Face names; ``src`` includes ``text_model.`` when the file has it)."""
     rows = _rows(src + "embeddings.", "embeddings.", _same("token_embedding", "position_embedding"), ("weight",))
+    layer = _same("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2", *(f"self_attn.{p}_proj" for p in "qkv"), "self_attn.out_proj")
     for i in range(c.layers):
-        s = t = f"encoder.layers.{i}."
-        names = _same("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2") | {f"self_attn.{p}_proj": f"self_attn.{p}_proj" for p in ("q", "k", "v", "out")}
-        rows += _rows(src + s, t, names)
+        rows += _rows(f"{src}encoder.layers.{i}.", f"encoder.layers.{i}.", layer)
     return rows + _rows(src, "", _same("final_layer_norm"))
 
 
