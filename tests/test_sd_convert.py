@@ -4,6 +4,7 @@ files, unsafe pickles, missing / unexpected keys)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -109,6 +110,9 @@ def test_wrong_config_is_named(sd):
 
     with pytest.raises(CheckpointError, match="32 model channels, the config 320"):
         convert_state_dict(sd, unet_config=SDUNetConfig.full(), vae_config=sd_reference.VAE_CONFIG, clip_config=sd_reference.CLIP_CONFIG)
+    wide = dataclasses.replace(sd_reference.UNET_CONFIG, context_dim=768)
+    with pytest.raises(CheckpointError, match="cross-attends to 32-d text, the config to 768-d"):
+        convert_state_dict(sd, **(CONFIGS | {"unet_config": wide}))
 
 
 def test_damaged_and_foreign_files(sd, tmp_path):

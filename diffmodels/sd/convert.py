@@ -385,6 +385,9 @@ def convert_state_dict(
         width = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
         if width is not None and width.shape[0] != unet_config.model_channels:
             raise CheckpointError(f"{where}: UNet has {width.shape[0]} model channels, the config {unet_config.model_channels}")
+        to_k = next((v for k, v in sd.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
+        if to_k is not None and to_k.shape[1] != unet_config.context_dim:
+            raise CheckpointError(f"{where}: UNet cross-attends to {to_k.shape[1]}-d text, the config to {unet_config.context_dim}-d")
         rows = unet_rows(unet_config)
         ema_keys = [k for k in sd if k.startswith(EMA_PREFIX)]
         if use_ema and len(ema_keys) > 100:

@@ -29,20 +29,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# CLIP's pre-tokenizer: special tokens, contractions, letter runs, single digits, other runs.
+PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# The same with the stdlib: letters = word characters minus digits and "_"; \d (decimal digits)
+# stands in for \p{N}, so only other numerals (superscripts, fractions) split differently.
+STDLIB_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+"""
+
 try:  # the `regex` package knows \p{L} / \p{N}; diffusers depends on it
-    import regex as _re
+    import regex
 
-    _PATTERN = _re.compile(
-        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-        _re.IGNORECASE,
-    )
-except ImportError:  # stdlib: letters = word chars minus digits and underscore; \d ~ \p{N}
-    _re = re
-
-    _PATTERN = _re.compile(
-        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+""",
-        _re.IGNORECASE,
-    )
+    _PATTERN = regex.compile(PATTERN, regex.IGNORECASE)
+except ImportError:
+    _PATTERN = re.compile(STDLIB_PATTERN, re.IGNORECASE)
 
 from diffmodels.errors import CheckpointError
 
