@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated MLflow store, params files with overrides, image folders."""
+"""Shared fixtures: an isolated MLflow store, params files with overrides, image folders, tiny SD
+reference models."""
 
 from __future__ import annotations
 
@@ -83,3 +84,12 @@ def image_folder(tmp_path):
     good = (root / "cats" / "img_001.png").read_bytes()
     (root / "cats" / "truncated.png").write_bytes(good[: len(good) // 2])
     return root
+
+
+@pytest.fixture(scope="module")
+def sd_ref():
+    """Tiny random diffusers / transformers SD v1 components (tests/sd_reference.py), with torch on
+    one thread while the module's tests run. Imported lazily: diffusers is slow to import."""
+    sd_reference = pytest.importorskip("sd_reference")
+    with sd_reference.one_thread():
+        yield sd_reference.build_reference()

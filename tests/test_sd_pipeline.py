@@ -1,0 +1,103 @@
+"""Our SD txt2img / img2img equal diffusers' pipelines assembled from the same tiny weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffmodels.sd.pipeline import StableDiffusion, sd_timesteps
+from diffmodels.sd.tokenizer import CLIPTokenizer
+
+sd_reference = pytest.importorskip("sd_reference")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pair(sd_ref, tmp_path_factory):
+    ref = sd_ref
+    tmp = tmp_path_factory.mktemp("sdpipe")
+    converted = sd_reference.convert_reference(ref, tmp)
+    tokenizer = CLIPTokenizer.default()
+    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(str(sd_reference.write_tokenizer_folder(tokenizer, tmp)), model_max_length=77)
+    ours = StableDiffusion(converted.unet.eval(), converted.vae.eval(), converted.text_encoder.eval(), tokenizer)
+    return ours, ref, hf_tokenizer
+
+
+def _scheduler(spacing: str):
+    # set_alpha_to_one=True: the last DDIM step lands on alpha_bar_0 = 1, as our sampler does
+    return diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing,
+        steps_offset=1,  # used by "leading" only
+    )  # fmt: skip
+
+
+def _theirs(ref, hf_tokenizer, spacing: str, img2img: bool = False):
+    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+    pipe = cls(
+        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=hf_tokenizer, unet=ref.unet, scheduler=_scheduler(spacing),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_leading_timesteps_are_ldm_spacing():
+    ts = sd_timesteps(50)
+    assert ts[0] == 982 and ts[-1] == 2 and len(ts) == 50  # diffusers' 981 ... 1, plus one
+    sched = _scheduler("leading")
+    sched.set_timesteps(5)
+    assert [t + 1 for t in sched.timesteps.tolist()] == sd_timesteps(5)
+    sched.set_timesteps(3)  # 1000 / 3 does not divide: still 3 steps
+    assert [t + 1 for t in sched.timesteps.tolist()] == sd_timesteps(3) == [668, 335, 2]
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+@torch.no_grad()
+def test_txt2img_matches_diffusers(pair, spacing):
+    ours, ref, hf_tokenizer = pair
+    pipe = _theirs(ref, hf_tokenizer, spacing)
+    kwargs = dict(height=16, width=16, num_inference_steps=5, guidance_scale=7.5)
+    expected_latents = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).images
+    decoded = ref.vae.decode(expected_latents / ref.vae.config.scaling_factor).sample
+    expected = pipe.image_processor.postprocess(decoded, output_type="pt")  # the pipeline's own last step
+
+    steps = []
+    got = ours.txt2img(PROMPTS, height=16, width=16, steps=5, guidance=7.5, spacing=spacing, generator=torch.Generator().manual_seed(0), callback=steps.append)
+    assert [s.t for s in steps] == sd_timesteps(5, spacing=spacing)
+    assert got.shape == expected.shape == (2, 3, 16, 16)
+    assert (steps[-1].x - expected_latents).abs().max() < TOL
+    assert (got - expected).abs().max() < TOL
+
+
+@torch.no_grad()
+def test_guidance_changes_the_result(pair):
+    ours, _, _ = pair
+    a = ours.txt2img(PROMPTS[:1], height=16, width=16, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    b = ours.txt2img(PROMPTS[:1], height=16, width=16, steps=3, guidance=7.5, generator=torch.Generator().manual_seed(0))
+    assert (a - b).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_img2img_matches_diffusers(pair):
+    ours, ref, hf_tokenizer = pair
+    pipe = _theirs(ref, hf_tokenizer, "leading", img2img=True)
+    init = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    expected = pipe(PROMPTS, image=init, strength=0.6, num_inference_steps=5, guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+    got = ours.img2img(init, PROMPTS, strength=0.6, steps=5, guidance=5.0, generator=torch.Generator().manual_seed(0))
+    assert (got - expected).abs().max() < TOL
+
+
+def test_bad_arguments(pair):
+    ours, _, _ = pair
+    with pytest.raises(ValueError, match="multiples of 2"):
+        ours.txt2img(PROMPTS, height=15, width=16, steps=2)
+    with pytest.raises(ValueError, match="strength"):
+        ours.img2img(torch.rand(1, 3, 16, 16), PROMPTS[:1], strength=0.0)
+    with pytest.raises(ValueError, match="spacing"):
+        sd_timesteps(5, spacing="linspace")
