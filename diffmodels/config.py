@@ -171,7 +171,7 @@ class DdpmParams:
     latent_source: Literal["mean", "sample"]
     # Denoiser (diffmodels/unet.py, diffmodels/serpentine.py)
     mixer: Literal["serpentine", "attention", "none"]
-    mixer_resolutions: tuple[Annotated[int, Range(ge=1)], ...]
+    mixer_downsample: tuple[Annotated[int, Range(ge=1)], ...]  # 1 = latent grid, 2 = half side, ...
     base_channels: Annotated[int, Range(ge=8, le=2048)]
     channel_mults: tuple[Annotated[int, Range(ge=1, le=16)], ...]
     blocks_per_level: Annotated[int, Range(ge=1, le=8)]
@@ -211,6 +211,14 @@ class DdpmParams:
             errors.append(f"ddpm.sample_steps must be <= ddpm.num_steps (got {self.sample_steps} > {self.num_steps})")
         if not self.channel_mults:
             errors.append("ddpm.channel_mults needs at least one level")
+        factors = [2**level for level in range(len(self.channel_mults))]
+        if set(self.mixer_downsample) - set(factors):
+            errors.append(f"ddpm.mixer_downsample must list factors of the UNet's levels, {factors} "
+                          f"for {len(self.channel_mults)} channel_mults (got {list(self.mixer_downsample)})")
+        bad = [self.base_channels * m for m in self.channel_mults if (self.base_channels * m) % self.norm_groups]
+        if bad:
+            errors.append(f"ddpm.norm_groups {self.norm_groups} must divide every level's width "
+                          f"(base_channels x channel_mults: {bad[0]} is not a multiple)")
         return errors
 
 
@@ -335,6 +343,11 @@ def _cross_checks(params: Params) -> list[str]:
         check = getattr(group, "check", None)
         if check is not None:
             errors.extend(check())
+    # Across groups: the denoiser's levels must fit the latent grid the data gives.
+    side, levels = params.data.resolution // 8, len(params.ddpm.channel_mults)
+    if levels and side % 2 ** (levels - 1):
+        errors.append(f"ddpm.channel_mults has {levels} levels, which need a latent side divisible by "
+                      f"{2 ** (levels - 1)}; data.resolution {params.data.resolution} gives {side} (stride 8)")
     return errors
 
 

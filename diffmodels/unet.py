@@ -4,8 +4,10 @@
 
 Levels run from the latent resolution (level 0) down by 2x per level. Each level has
 ``blocks_per_level`` residual blocks (GroupNorm + SiLU, timestep embedding added between the two
-convolutions); a *context block* follows each residual block at the resolutions listed in
-``mixer_resolutions``, chosen by ``mixer``:
+convolutions); a *context block* follows each residual block of the levels whose downsampling
+factor (1 = the latent grid, 2 = half its side, ...) is listed in ``mixer_downsample`` (the
+convention of LDM's ``attention_resolutions``, so one list fits any data.resolution), chosen by
+``mixer``:
 
     serpentine  multi-direction snake-scan state-space block (diffmodels.serpentine); path
                 families alternate rows / cols from one context block to the next
@@ -42,7 +44,7 @@ class UNetConfig:
     channel_mults: tuple[int, ...]
     blocks_per_level: int
     mixer: Mixer
-    mixer_resolutions: tuple[int, ...]  # latent sides that get context blocks (and always the middle)
+    mixer_downsample: tuple[int, ...]  # factors 2^level whose levels get context blocks (the middle always)
     num_classes: int  # 0 = unconditional
     dropout: float = 0.0
     norm_groups: int = 8
@@ -58,7 +60,7 @@ class UNetConfig:
     def from_dict(cls, d: dict) -> UNetConfig:
         d = dict(d)
         d["channel_mults"] = tuple(d["channel_mults"])
-        d["mixer_resolutions"] = tuple(d["mixer_resolutions"])
+        d["mixer_downsample"] = tuple(d["mixer_downsample"])
         return cls(**d)
 
     @property
@@ -72,12 +74,10 @@ class UNetConfig:
                 f"latent size {self.latent_size} must be divisible by 2^{levels - 1} = {2 ** (levels - 1)} "
                 f"for {levels} UNet levels (change ddpm.channel_mults or data.resolution)"
             )
-        unknown = sorted(set(self.mixer_resolutions) - set(self.resolutions))
+        factors = [2**level for level in range(levels)]
+        unknown = sorted(set(self.mixer_downsample) - set(factors))
         if unknown:
-            raise ValueError(
-                f"ddpm.mixer_resolutions lists {unknown}, but the UNet's levels are "
-                f"{list(self.resolutions)} for {self.latent_size}x{self.latent_size} latents"
-            )
+            raise ValueError(f"ddpm.mixer_downsample lists {unknown}; the UNet's {levels} levels have factors {factors}")
         for mult in self.channel_mults:
             if (self.base_channels * mult) % self.norm_groups:
                 raise ValueError(f"channels {self.base_channels * mult} must be a multiple of norm groups {self.norm_groups}")
@@ -180,7 +180,7 @@ class UNet(nn.Module):
 
     def _context(self, channels: int, force: bool = False, resolution: int | None = None) -> nn.Module:
         cfg = self.config
-        if cfg.mixer == "none" or not (force or resolution in cfg.mixer_resolutions):
+        if cfg.mixer == "none" or not (force or cfg.latent_size // resolution in cfg.mixer_downsample):
             return nn.Identity()
         if cfg.mixer == "attention":
             return AttentionBlock(channels, cfg.attention_heads, cfg.norm_groups)

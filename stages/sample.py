@@ -61,6 +61,13 @@ def run(args) -> None:
     scale, prediction, T = float(meta["scale_factor"]), meta["prediction"], schedule.num_steps
     class_names, null = meta.get("class_names", []), model.null_label
     c, size = model.config.in_channels, model.config.latent_size
+    too_late = [t for t in p.why_iterate_steps if t > T]
+    if too_late:
+        raise DiffmodelsError(f"sample.why_iterate_steps has {too_late[0]}, beyond the denoiser's {T} steps (ddpm.num_steps)")
+    if class_names and max(p.anagram_classes) >= len(class_names):
+        raise DiffmodelsError(f"sample.anagram_classes {list(p.anagram_classes)} must be class indices below {len(class_names)}")
+    if p.ddim_steps > T:
+        raise DiffmodelsError(f"sample.ddim_steps {p.ddim_steps} exceeds the denoiser's {T} steps (ddpm.num_steps)")
     real = load_checkpoint(args.fid_reference).tensors["features"]
     test = latent_cache.load_split(args.latents, "test")["mean"][:4] * scale
     out = args.reports / "figures"
@@ -124,8 +131,6 @@ def run(args) -> None:
         z0 = test[:1].to(device)
         rows = []
         for t in p.why_iterate_steps:
-            if t > T:
-                raise DiffmodelsError(f"sample.why_iterate_steps has {t}, beyond ddpm.num_steps={T}")
             tt = torch.full((1,), t, device=device)
             zt = schedule.q_sample(z0, tt, eps[:1].to(device))
             _, x0_hat = schedule.to_eps_x0(zt, tt, unconditional(zt, tt), prediction)
@@ -152,8 +157,6 @@ def run(args) -> None:
                               row_labels=class_names, title=f"classifier-free guidance w = {w:g}")
                 figures.append(path)
             a, b = p.anagram_classes
-            if max(a, b) >= len(class_names):
-                raise DiffmodelsError(f"sample.anagram_classes {[a, b]} must be class indices below {len(class_names)}")
             n = 6
             up = classifier_free_guidance(model, torch.full((n,), a, device=device), null, p.anagram_guidance)
             down = classifier_free_guidance(model, torch.full((n,), b, device=device), null, p.anagram_guidance)

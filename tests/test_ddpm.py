@@ -62,7 +62,7 @@ def test_label_dropout_uses_the_null_label():
 def test_a_tiny_unet_overfits_a_tiny_latent_set():
     torch.manual_seed(0)
     cfg = UNetConfig(in_channels=2, latent_size=4, base_channels=16, channel_mults=(1, 2), blocks_per_level=1,
-                     mixer="serpentine", mixer_resolutions=(4, 2), num_classes=0, norm_groups=4)
+                     mixer="serpentine", mixer_downsample=(1, 2), num_classes=0, norm_groups=4)
     model = UNet(cfg)
     s = NoiseSchedule.from_kind("linear", 100)
     z0 = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -17,7 +17,7 @@ assert one_thread
 
 TINY_DDPM = {
     "num_steps": 50, "base_channels": 8, "channel_mults": [1, 2], "blocks_per_level": 1, "norm_groups": 4,
-    "mixer_resolutions": [2, 1], "ssm_state": 4, "steps": 10, "warmup_steps": 2, "batch_size": 8,
+    "mixer_downsample": [1, 2], "ssm_state": 4, "steps": 10, "warmup_steps": 2, "batch_size": 8,
     "checkpoint_every": 5, "log_every": 1, "sample_every": 4, "sample_steps": 3, "device": "cpu",
 }
 

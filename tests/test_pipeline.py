@@ -45,11 +45,33 @@ def project(tmp_path_factory):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(dataset="folder", source=str(images), resolution=16, channels=1,
                           min_images=20, masks_per_set=4, preview_images=4)
+    params.update(TINY)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(root, "git", "init", "-q")
     sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     return root
+
+
+# Every stage at toy size: the point is the wiring (deps, params, outs, tracking), not the numbers.
+TINY = {
+    "vae": {**yaml.safe_load((ROOT / "params.yaml").read_text())["vae"],
+            "base_channels": 4, "steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2,
+            "log_every": 1, "val_every": 2, "num_val_images": 8, "grid_images": 4},
+    "latents": {"channels": 4, "batch_size": 16},
+    "ddpm": {**yaml.safe_load((ROOT / "params.yaml").read_text())["ddpm"],
+             "num_steps": 20, "base_channels": 8, "norm_groups": 4, "steps": 3, "batch_size": 8, "warmup_steps": 1,
+             "checkpoint_every": 2, "log_every": 1, "sample_every": 2, "sample_steps": 2, "sample_images": 2},
+    "sample": {**yaml.safe_load((ROOT / "params.yaml").read_text())["sample"],
+               "num_images": 4, "batch_size": 4, "ddim_steps": 4, "strip_points": 3,
+               "why_iterate_steps": [5, 15], "guidance_scales": [0.0, 2.0], "anagram_classes": [0, 1]},
+    "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2},
+}
+STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample")
+
+
+def ran(output: str) -> set[str]:
+    return {s for s in STAGES if f"Running stage '{s}'" in output}
 
 
 def runs(root):
@@ -58,11 +80,12 @@ def runs(root):
 
 
 def test_repro_then_nothing_reruns(project):
-    out = dvc(project, "repro")
-    assert "Running stage 'prepare'" in out.stdout
+    out = dvc(project, "repro", timeout=900)
+    assert ran(out.stdout) == set(STAGES)
     assert (project / "data/prepared/manifest.json").exists()
-    (run,) = runs(project)
-    assert run.data.tags["stage"] == "prepare" and run.info.status == "FINISHED"
+    logged = {r.data.tags["stage"]: r for r in runs(project)}
+    assert set(logged) == set(STAGES) and all(r.info.status == "FINISHED" for r in logged.values())
+    run = logged["prepare"]
     assert run.data.params["data.resolution"] == "16"
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
 
@@ -80,6 +103,21 @@ def test_exp_run_with_set_param_shows_in_exp_show(project):
     assert '"res32"' in flat
     tags = {r.data.tags.get("dvc_exp_name") for r in runs(project)}
     assert "res32" in tags
+
+
+@pytest.mark.parametrize("override", ["ddpm.batch_size=4", "ddpm.mixer=attention", "ddpm.mixer=none"])
+def test_denoiser_experiment_reruns_only_downstream(project, override):
+    name = override.replace("ddpm.", "").replace("=", "-").replace("_", "")
+    out = dvc(project, "exp", "run", "-n", name, "-S", override, timeout=600)
+    assert ran(out.stdout) == {"train_ddpm", "sample"}, out.stdout
+    (exp,) = [e for e in json.loads(dvc(project, "exp", "show", "--json").stdout)[0]["experiments"] or []
+              if e.get("name") == name]
+    data = exp["revs"][0]["data"]
+    metrics = {k: v for m in data["metrics"].values() for k, v in m["data"].items()}
+    key, value = override.split("=")
+    group, leaf = key.split(".")
+    assert str(data["params"]["params.yaml"]["data"][group][leaf]) == value
+    assert metrics["steps"] == 3 and metrics["fid_ddim"] > 0 and "loss_last100" in metrics
 
 
 def test_typo_in_set_param_fails(project):

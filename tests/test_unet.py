@@ -7,7 +7,7 @@ from diffmodels.unet import AttentionBlock, UNet, UNetConfig, timestep_embedding
 
 def config(**overrides):
     base = dict(in_channels=4, latent_size=8, base_channels=16, channel_mults=(1, 2), blocks_per_level=1,
-                mixer="serpentine", mixer_resolutions=(8, 4), num_classes=0, norm_groups=4)
+                mixer="serpentine", mixer_downsample=(1, 2), num_classes=0, norm_groups=4)
     return UNetConfig(**{**base, **overrides})
 
 
@@ -50,7 +50,7 @@ def test_fresh_model_outputs_zero_and_conditioning_matters():
 
 
 def test_serpentine_context_blocks_alternate_families_and_sit_at_listed_resolutions():
-    model = UNet(config(mixer_resolutions=(4,)))
+    model = UNet(config(mixer_downsample=(2,)))
     blocks = [m for m in model.modules() if isinstance(m, SerpentineBlock)]
     # 4x4 level: 1 down + 2 up stages, plus the middle block.
     assert len(blocks) == 4
@@ -61,8 +61,8 @@ def test_serpentine_context_blocks_alternate_families_and_sit_at_listed_resoluti
 def test_invalid_geometry_is_a_clear_error():
     with pytest.raises(ValueError, match="latent size 7 must be divisible by 2"):
         UNet(config(latent_size=7))
-    with pytest.raises(ValueError, match=r"ddpm.mixer_resolutions lists \[16\].*levels are \[8, 4\]"):
-        UNet(config(mixer_resolutions=(16,)))
+    with pytest.raises(ValueError, match=r"ddpm.mixer_downsample lists \[4\]; the UNet's 2 levels have factors \[1, 2\]"):
+        UNet(config(mixer_downsample=(4,)))
 
 
 def test_bf16_autocast_on_cpu_runs():
