@@ -16,7 +16,7 @@ from tests.conftest import ROOT, save_image
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 
-def sh(cwd, *args, check=True, timeout=300):
+def sh(cwd, *args, check=True, timeout=600):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "DIFFMODELS_"))}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -96,28 +96,30 @@ def test_repro_then_nothing_reruns(project):
     sh(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro")
 
 
-def test_exp_run_with_set_param_shows_in_exp_show(project):
-    dvc(project, "exp", "run", "-n", "res32", "-S", "data.resolution=32")
-    shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
-    flat = json.dumps(shown)
-    assert '"res32"' in flat
-    tags = {r.data.tags.get("dvc_exp_name") for r in runs(project)}
-    assert "res32" in tags
-
-
-@pytest.mark.parametrize("override", ["ddpm.batch_size=4", "ddpm.mixer=attention", "ddpm.mixer=none"])
-def test_denoiser_experiment_reruns_only_downstream(project, override):
-    name = override.replace("ddpm.", "").replace("=", "-").replace("_", "")
-    out = dvc(project, "exp", "run", "-n", name, "-S", override, timeout=600)
-    assert ran(out.stdout) == {"train_ddpm", "sample"}, out.stdout
-    (exp,) = [e for e in json.loads(dvc(project, "exp", "show", "--json").stdout)[0]["experiments"] or []
-              if e.get("name") == name]
+def experiment(root, name: str) -> tuple[dict, dict]:
+    """(params.yaml values, merged metrics) of experiment ``name`` from `dvc exp show --json`."""
+    rows = [e for base in json.loads(dvc(root, "exp", "show", "--json").stdout) for e in base.get("experiments") or []]
+    (exp,) = [e for e in rows if e.get("name") == name]
     data = exp["revs"][0]["data"]
-    metrics = {k: v for m in data["metrics"].values() for k, v in m["data"].items()}
+    return data["params"]["params.yaml"]["data"], {k: v for m in data["metrics"].values() for k, v in m["data"].items()}
+
+
+@pytest.mark.parametrize(("override", "reruns"), [
+    ("sample.ddim_steps=3", {"sample"}),
+    ("ddpm.batch_size=4", {"train_ddpm", "sample"}),
+    ("ddpm.mixer=attention", {"train_ddpm", "sample"}),
+])
+def test_experiment_reruns_only_downstream_and_shows_in_exp_show(project, override, reruns):
+    name = override.split(".")[1].replace("=", "-").replace("_", "")
+    out = dvc(project, "exp", "run", "-n", name, "-S", override, timeout=600)
+    assert ran(out.stdout) == reruns, out.stdout
+    params, metrics = experiment(project, name)
     key, value = override.split("=")
     group, leaf = key.split(".")
-    assert str(data["params"]["params.yaml"]["data"][group][leaf]) == value
-    assert metrics["steps"] == 3 and metrics["fid_ddim"] > 0 and "loss_last100" in metrics
+    assert str(params[group][leaf]) == value
+    assert metrics["steps"] == 3 and metrics["fid_ddim"] > 0 and metrics["fid_extractor"].startswith("inception-v3")
+    tags = {r.data.tags.get("dvc_exp_name") for r in runs(project)}
+    assert name in tags
 
 
 def test_typo_in_set_param_fails(project):
@@ -133,16 +135,18 @@ def test_typo_in_set_param_fails(project):
 
 
 def test_queued_experiment_records_into_the_main_store(project):
-    dvc(project, "exp", "run", "--queue", "-n", "queued24", "-S", "data.resolution=24")
+    dvc(project, "exp", "run", "--queue", "-n", "nomixer", "-S", "ddpm.mixer=none")
     dvc(project, "queue", "start")
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while time.time() < deadline:
         status = dvc(project, "queue", "status").stdout
-        if "queued24" in status and not any(s in status for s in ("Queued", "Running")):
+        if "nomixer" in status and not any(s in status for s in ("Queued", "Running")):
             break
         time.sleep(2)
     assert "Success" in status, status
-    (run,) = [r for r in runs(project) if r.data.tags.get("dvc_exp_name") == "queued24"]
-    assert run.data.params["data.resolution"] == "24" and run.info.status == "FINISHED"
+    logged = {r.data.tags["stage"]: r for r in runs(project) if r.data.tags.get("dvc_exp_name") == "nomixer"}
+    assert set(logged) == {"train_ddpm", "sample"}
+    run = logged["train_ddpm"]
+    assert run.data.params["ddpm.mixer"] == "none" and run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside the temporary copy"
