@@ -316,6 +316,17 @@ def paste_back(output: Tensor, images: Tensor, hole: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def reconstruct(images: Tensor, encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Tensor]) -> Tensor:
+    """D(E(x)): decode the posterior mean of ``images``, as :func:`inpaint_images` decodes it.
+
+    The mean is made contiguous first: ``VAE.encode`` returns chunk views, and CPU convolutions
+    pick kernels by memory layout, so decoding the view and a contiguous copy can differ by
+    ~1e-6. One layout for both keeps "all-keep inpainting == reconstruction" exact.
+    """
+    return decode(encode(images).contiguous())
+
+
+@torch.no_grad()
 def inpaint_images(
     method: Method,
     images: Tensor,
@@ -346,12 +357,12 @@ def inpaint_images(
         3. the method's reverse process over the shared sampler
         4. decode: kept tiles of inpainting methods from the unscaled posterior mean itself
            (they equal z_a exactly, but z_a / s * s is not always bit-exact in float32), so an
-           all-keep mask returns D(E(x)) bit for bit; the rest from z_0 / scale_factor
+           all-keep mask returns :func:`reconstruct` bit for bit; the rest from z_0 / scale_factor
         5. optional pixel paste-back (``paste``), off by default
     """
     if method not in METHODS:
         raise ValueError(f"inpainting method must be one of {METHODS}, got {method!r}")
-    mean = encode(images)  # (B, C_lat, H/8, W/8), unscaled
+    mean = encode(images).contiguous()  # (B, C_lat, H/8, W/8), unscaled; see reconstruct()
     anchor = mean * scale_factor
     tiles = latent_hole(hole, mask_policy).to(mean.device)  # (B, 1, h, w)
     if method == "clamp_mean":
