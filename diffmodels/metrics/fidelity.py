@@ -12,8 +12,8 @@ so the data range is 1. Each function returns one value per image, (B,) float64:
 
 The SSIM map is Wang et al. 2004 (eq. 13) with an 11x11 Gaussian window of sigma 1.5,
 C1 = (0.01)^2, C2 = (0.03)^2, per channel, computed on the whole image with reflect padding so
-every pixel has a value; the masked mean then keeps only kept pixels. Its unmasked mean over
-the interior (5 px from the border) is torchmetrics' SSIM with the same settings. The PSNR cap
+every pixel has a value; the masked mean then keeps only kept pixels. Its unmasked mean is
+torchmetrics' SSIM with the same settings (which averages the same reflect-padded map). The PSNR cap
 keeps a perfect match (an all-keep clamp_mean against D(E(x))) a finite number in JSON.
 """
 
