@@ -1,1 +1,2 @@
-"""Evaluation metrics: FID/KID (``fid``); leakage, seam and fidelity metrics join here."""
+"""Evaluation metrics: FID/KID (``fid``), leakage across a mask boundary (``leakage``),
+preserved-region fidelity (``fidelity``) and the seam score (``seam``); SPEC 6."""
