@@ -246,7 +246,21 @@ class SampleParams:
 
 @dataclass(frozen=True)
 class InpaintParams:
-    pass
+    methods: tuple[Literal["clamp_mean", "replace_noised", "repaint", "sdedit"], ...]
+    num_images: Annotated[int, Range(ge=1, le=100000)]  # test images per mask set
+    batch_size: Count
+    mask_policy: Literal["nearest", "conservative"]  # pixel keep-mask -> latent tiles (SPEC 5.5)
+    sampler: Literal["ddpm", "ddim"]
+    ddim_steps: Annotated[int, Range(ge=1, le=10000)]
+    repaint_jump: Count  # RePaint jump length j
+    repaint_resample: Count  # RePaint resample count r
+    sdedit_t0: Annotated[int, Range(ge=1)]  # level the sdedit method noises the image to
+    paste_back: bool
+    leakage_samples: Count  # R replacements per image for the leakage profiles (SPEC 6.1, 6.2)
+    panel_images: Annotated[int, Range(ge=1, le=16)]  # rows in each example panel
+
+    def check(self) -> list[str]:
+        return [] if self.methods else ["inpaint.methods needs at least one method"]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, fid_kid, inception_features, resize_bilinear_tf1
+from diffmodels.metrics.fid import (
+    EXTRACTOR, InceptionFeatures, _Precomputed, fid_kid, frechet_distance, inception_features, resize_bilinear_tf1,
+)
 
 
 def test_tf1_bilinear_resize_hand_computed():
@@ -88,3 +90,27 @@ def test_kid_is_reproducible_and_small_sets_are_refused(features):
     assert one["kid_mean"] == two["kid_mean"]
     with pytest.raises(ValueError, match="at least 2 images"):
         fid_kid(features["a"][:1], features["b"])
+
+
+@pytest.mark.parametrize(("n_real", "n_fake"), [(12, 20), (300, 250)])  # fewer and more samples than dims
+def test_frechet_distance_equals_the_sqrtm_closed_form(n_real, n_fake):
+    import scipy.linalg
+
+    g = torch.Generator().manual_seed(n_real)
+    mix = torch.randn(32, 32, generator=g, dtype=torch.float64)
+    real = torch.randn(n_real, 32, generator=g, dtype=torch.float64) @ mix
+    fake = torch.randn(n_fake, 32, generator=g, dtype=torch.float64) @ mix.T + 0.3
+    mu_r, mu_f = real.mean(0).numpy(), fake.mean(0).numpy()
+    s_r, s_f = np.cov(real.numpy(), rowvar=False), np.cov(fake.numpy(), rowvar=False)
+    cross = scipy.linalg.sqrtm(s_r @ s_f).real
+    expected = ((mu_r - mu_f) ** 2).sum() + np.trace(s_r) + np.trace(s_f) - 2 * np.trace(cross)
+    assert frechet_distance(real, fake) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_frechet_distance_equals_torchmetrics_fid(features):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=_Precomputed())
+    metric.update(features["a"].double(), real=True)
+    metric.update(features["b"].double(), real=False)
+    assert frechet_distance(features["a"], features["b"]) == pytest.approx(float(metric.compute()), rel=1e-5)

@@ -65,9 +65,12 @@ TINY = {
     "sample": {**yaml.safe_load((ROOT / "params.yaml").read_text())["sample"],
                "num_images": 4, "batch_size": 4, "ddim_steps": 4, "strip_points": 3,
                "why_iterate_steps": [5, 15], "guidance_scales": [0.0, 2.0], "anagram_classes": [0, 1]},
+    "inpaint": {**yaml.safe_load((ROOT / "params.yaml").read_text())["inpaint"],
+                "num_images": 2, "ddim_steps": 3, "repaint_jump": 1, "repaint_resample": 2, "sdedit_t0": 10,
+                "leakage_samples": 2, "panel_images": 2, "methods": ["clamp_mean", "repaint", "sdedit"]},
     "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2},
 }
-STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample")
+STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample", "eval_inpaint")
 
 
 def ran(output: str) -> set[str]:
@@ -84,7 +87,15 @@ def test_repro_then_nothing_reruns(project):
     assert ran(out.stdout) == set(STAGES)
     assert (project / "data/prepared/manifest.json").exists()
     logged = {r.data.tags["stage"]: r for r in runs(project)}
-    assert set(logged) == set(STAGES) and all(r.info.status == "FINISHED" for r in logged.values())
+    children = {k for k in logged if "/" in k}
+    assert set(logged) - children == set(STAGES) and all(r.info.status == "FINISHED" for r in logged.values())
+    parent = logged["eval_inpaint"].info.run_id
+    assert children == {f"eval_inpaint/{m}" for m in TINY["inpaint"]["methods"]}
+    assert all(logged[c].data.tags["mlflow.parentRunId"] == parent for c in children)
+    metrics = json.loads((project / "reports/eval_inpaint/metrics.json").read_text())
+    assert metrics["leakage/aligned/leak_radius_px"] >= 0 and metrics["fid/repaint"] > 0
+    assert 0 <= metrics["clamp_mean/centre_aligned/ssim_image"] <= 1
+    assert (project / "reports/eval_inpaint/panels/sdedit.png").exists()
     run = logged["prepare"]
     assert run.data.params["data.resolution"] == "16"
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
@@ -106,8 +117,8 @@ def experiment(root, name: str) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize(("override", "reruns"), [
     ("sample.ddim_steps=3", {"sample"}),
-    ("ddpm.batch_size=4", {"train_ddpm", "sample"}),
-    ("ddpm.mixer=attention", {"train_ddpm", "sample"}),
+    ("ddpm.batch_size=4", {"train_ddpm", "sample", "eval_inpaint"}),
+    ("ddpm.mixer=attention", {"train_ddpm", "sample", "eval_inpaint"}),
 ])
 def test_experiment_reruns_only_downstream_and_shows_in_exp_show(project, override, reruns):
     name = override.split(".")[1].replace("=", "-").replace("_", "")
@@ -145,7 +156,7 @@ def test_queued_experiment_records_into_the_main_store(project):
         time.sleep(2)
     assert "Success" in status, status
     logged = {r.data.tags["stage"]: r for r in runs(project) if r.data.tags.get("dvc_exp_name") == "nomixer"}
-    assert set(logged) == {"train_ddpm", "sample"}
+    assert {"train_ddpm", "sample", "eval_inpaint"} <= set(logged)
     run = logged["train_ddpm"]
     assert run.data.params["ddpm.mixer"] == "none" and run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())

@@ -20,6 +20,7 @@ feature module, so both metrics use torchmetrics' own statistics. Every result c
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def inception_features(
     images: np.ndarray | Tensor, extractor: InceptionFeatures, batch_size: int = 32, device: str | torch.device = "cpu"
 ) -> Tensor:
     """(N, H, W, C) uint8 images (as stored by the prepare stage) -> (N, 2048) float64 features."""
-    images = torch.as_tensor(np.asarray(images))
+    images = torch.as_tensor(np.array(images))  # a copy: prepared splits are read-only memory maps
     if images.ndim != 4 or images.dtype != torch.uint8:
         raise ValueError(f"images must be (N, H, W, C) uint8, got {tuple(images.shape)} {images.dtype}")
     extractor = extractor.to(device)
@@ -113,30 +114,57 @@ class _Precomputed(nn.Module):
         return feats
 
 
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two (N, D) feature sets (Heusel et al. 2017):
+
+        FID = |mu_r - mu_f|^2 + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^(1/2))
+
+    computed exactly in float64 without the D x D non-symmetric square root. With centred
+    features A_r (N_r, D), S_r = A_r^T A_r / (N_r - 1), and the non-zero eigenvalues of S_r S_f
+    are those of B B^T with B = A_r A_f^T / sqrt((N_r - 1)(N_f - 1)), so
+
+        tr((S_r S_f)^(1/2)) = sum of the singular values of B        (N_r x N_f: cheap for N < D)
+
+    and otherwise sum sqrt(eig(S_r^(1/2) S_f S_r^(1/2))) with symmetric eigendecompositions.
+    Same value as torchmetrics' FrechetInceptionDistance (tested), in a fraction of the time.
+    """
+    real, fake = real.double(), fake.double()
+    n_r, n_f, dim = len(real), len(fake), real.shape[1]
+    a_r, a_f = real - real.mean(0), fake - fake.mean(0)
+    mean_term = (real.mean(0) - fake.mean(0)).square().sum()
+    trace_r, trace_f = a_r.square().sum() / (n_r - 1), a_f.square().sum() / (n_f - 1)
+    if min(n_r, n_f) <= dim:
+        cross = torch.linalg.svdvals(a_r @ a_f.T).sum() / math.sqrt((n_r - 1) * (n_f - 1))
+    else:
+        cov_r, cov_f = a_r.T @ a_r / (n_r - 1), a_f.T @ a_f / (n_f - 1)
+        w, v = torch.linalg.eigh(cov_r)
+        root = (v * w.clamp(min=0).sqrt()) @ v.T
+        cross = torch.linalg.eigvalsh(root @ cov_f @ root).clamp(min=0).sqrt().sum()
+    return float(mean_term + trace_r + trace_f - 2 * cross)
+
+
 def fid_kid(real: Tensor, fake: Tensor, kid_subsets: int = 100, kid_subset_size: int | None = None, seed: int = 0) -> dict:
-    """FID and KID (mean, std) between two (N, 2048) feature sets, via torchmetrics.
+    """FID (:func:`frechet_distance`) and KID (mean, std; torchmetrics) between two (N, 2048)
+    feature sets.
 
     KID draws ``kid_subsets`` random subsets of ``kid_subset_size`` (default: the smaller set,
     at most 1000) from a generator seeded with ``seed``, so results are reproducible.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID needs at least 2 images per set, got {len(real)} real and {len(fake)} generated")
-    fid = FrechetInceptionDistance(feature=_Precomputed())
     size = kid_subset_size or min(len(real), len(fake), 1000)
     with warnings.catch_warnings():  # "KID keeps all features in memory": expected, they are ours
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(feature=_Precomputed(), subsets=kid_subsets, subset_size=size)
-    for metric in (fid, kid):
-        metric.update(real.double(), real=True)
-        metric.update(fake.double(), real=False)
+    kid.update(real.double(), real=True)
+    kid.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
     return {
-        "fid": float(fid.compute()),
+        "fid": frechet_distance(real, fake),
         "kid_mean": float(kid_mean),
         "kid_std": float(kid_std),
         "kid_subset_size": size,

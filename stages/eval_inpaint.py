@@ -1,0 +1,201 @@
+"""Stage eval_inpaint: every inpainting method x every mask set, leakage profiles, FID/KID of the fills.
+
+    python -m stages.eval_inpaint --ddpm data/models/ddpm.safetensors --vae data/models/vae.safetensors \\
+        --prepared data/prepared --masks data/masks --fid-reference data/fid/test_features.safetensors \\
+        --reports reports/eval_inpaint
+
+For each method of ``inpaint.methods`` (SPEC 5.5) and each mask set (SPEC 6, "Mask sets") it
+inpaints the first ``inpaint.num_images`` test images and scores (SPEC 6.3-6.5): preserved-region
+PSNR / SSIM / MAE against the image and against its VAE reconstruction, the seam score, and FID /
+KID of each method's fills over all mask sets. Independently of any method it measures the VAE
+(SPEC 6.1, 6.2): the decoder leakage profile with ``leak_mean`` / ``leak_radius_px`` and the encoder
+leakage, per mask alignment (``aligned`` sets have edges on the 8-px latent grid, ``offset`` not).
+
+Outputs in ``reports/eval_inpaint/``: ``metrics.json`` (``<method>/<mask set>/<metric>``, ``fid/<method>``,
+``leakage/<alignment>/...``), ``decoder_leakage.tsv`` and ``encoder_leakage.tsv`` (distance vs mean
+change, one column per alignment, for ``dvc plots``) and ``panels/<method>.png`` (original | mask |
+inpainted | process). MLflow: one child run per method under the stage run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffmodels import inpaint, tracking
+from diffmodels.checkpoint import load_checkpoint
+from diffmodels.config import load_params
+from diffmodels.data import load_split
+from diffmodels.ddpm import load_denoiser
+from diffmodels.errors import DataError
+from diffmodels.figures import labelled_grid
+from diffmodels.io import write_json, write_text
+from diffmodels.masks import load_mask_set
+from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, fid_kid, inception_features
+from diffmodels.metrics.fidelity import preserved_fidelity
+from diffmodels.metrics.leakage import (
+    MAX_DISTANCE_PX, MAX_DISTANCE_TILES, LeakageProfile, decoder_leakage, encoder_leakage, hole_fills,
+    latent_replacements, leakage_scalars,
+)
+from diffmodels.metrics.seam import seam_score
+from diffmodels.train import select_device
+from diffmodels.vae import load_vae, to_model_range, to_uint8
+from stages._cli import base_parser, stage_main
+
+GROUPS = ("seed", "inpaint", "eval", "data")
+PROCESS_POINTS = 4  # decoded x0 estimates in the panels' process columns
+
+parser = base_parser(__doc__.splitlines()[0])
+parser.add_argument("--ddpm", type=Path, default=Path("data/models/ddpm.safetensors"))
+parser.add_argument("--vae", type=Path, default=Path("data/models/vae.safetensors"))
+parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+parser.add_argument("--masks", type=Path, default=Path("data/masks"))
+parser.add_argument("--fid-reference", type=Path, default=Path("data/fid/test_features.safetensors"))
+parser.add_argument("--reports", type=Path, default=Path("reports/eval_inpaint"))
+
+
+def mask_overlay(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 with the hole tinted mid-grey, for the panels' mask column."""
+    out = image.astype(np.float32)
+    out[hole] = 0.35 * out[hole] + 0.65 * 128.0
+    return out.round().astype(np.uint8)
+
+
+def profile_table(profiles: dict[str, LeakageProfile], unit: str) -> str:
+    """TSV for dvc plots: distance, then one column of mean change per alignment (empty bins blank)."""
+    names = list(profiles)
+    lines = ["\t".join([f"distance_{unit}", *names])]
+    for i, d in enumerate(next(iter(profiles.values())).distance):
+        cells = [profiles[n].value[i] for n in names]
+        if all(math.isnan(c) for c in cells):
+            continue
+        lines.append("\t".join([str(d), *("" if math.isnan(c) else f"{c:.6g}" for c in cells)]))
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> None:
+    params = load_params(args.params)
+    p, seed = params.inpaint, params.seed
+    started = time.perf_counter()
+    device = select_device("auto")
+    model, schedule, meta = load_denoiser(args.ddpm, device)
+    vae, _ = load_vae(args.vae, device)
+    scale, T = float(meta["scale_factor"]), schedule.num_steps
+    if "sdedit" in p.methods and p.sdedit_t0 > T:
+        raise DataError(f"inpaint.sdedit_t0 {p.sdedit_t0} is beyond the denoiser's {T} steps (ddpm.num_steps)")
+    if p.sampler == "ddim" and p.ddim_steps > T:
+        raise DataError(f"inpaint.ddim_steps {p.ddim_steps} exceeds the denoiser's {T} steps (ddpm.num_steps)")
+    test = load_split(args.prepared, "test")
+    size = test.images.shape[1]
+    masks = {name: load_mask_set(args.masks, name, size) for name in params.data.mask_sets}
+    n = min(p.num_images, len(test.images), *(len(m) for m in masks.values()))
+    images = to_model_range(torch.from_numpy(np.array(test.images[:n]))).to(device)  # (n, C, H, W) in [-1, 1]
+    real = load_checkpoint(args.fid_reference).tensors["features"]
+    sampler = inpaint.Sampler(kind=p.sampler, ddim_steps=p.ddim_steps, prediction=meta["prediction"])
+    torch.set_grad_enabled(False)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return vae.encode(x)[0]
+
+    def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(z, t, None)  # unconditional (the null label when class-conditional)
+
+    recon = torch.cat([inpaint.reconstruct(images[i:i + p.batch_size], encode, vae.decode)
+                       for i in range(0, n, p.batch_size)])
+    out = args.reports
+    metrics: dict = {"num_images": n, "fid_extractor": EXTRACTOR, "mask_policy": p.mask_policy,
+                     "sampler": f"{p.sampler}-{p.ddim_steps if p.sampler == 'ddim' else T}"}
+    extractor = InceptionFeatures()
+
+    with tracking.stage_run("eval_inpaint", params, GROUPS):
+        # 1. the VAE itself: decoder and encoder leakage per mask alignment (SPEC 6.1, 6.2)
+        g = torch.Generator().manual_seed(seed)
+        decoder_profiles, encoder_profiles = {}, {}
+        for alignment in ("aligned", "offset"):
+            sets = [s for s in masks if s.endswith(f"_{alignment}")]
+            if not sets:
+                continue
+            hole = torch.from_numpy(np.concatenate([masks[s][:n] for s in sets]))
+            x = images.repeat(len(sets), 1, 1, 1)
+            z = encode(x)
+            decoder_profiles[alignment] = dec = decoder_leakage(
+                vae.decode, z, hole, latent_replacements(z, p.leakage_samples, scale_factor=scale, generator=g),
+                mask_policy=p.mask_policy, max_distance=MAX_DISTANCE_PX)
+            encoder_profiles[alignment] = enc = encoder_leakage(
+                encode, x, hole, hole_fills(x, p.leakage_samples, generator=g), max_distance=MAX_DISTANCE_TILES)
+            metrics.update({f"leakage/{alignment}/{k}": v for k, v in leakage_scalars(dec).items()})
+            metrics[f"leakage/{alignment}/enc_leak_mean"] = enc.mean
+        if decoder_profiles:
+            write_text(out / "decoder_leakage.tsv", profile_table(decoder_profiles, "px"))
+            write_text(out / "encoder_leakage.tsv", profile_table(encoder_profiles, "tiles"))
+
+        # 2. every method x every mask set: fidelity, seam, fills for FID/KID
+        for method in p.methods:
+            method_started, fills, panel_rows = time.perf_counter(), [], []
+            tags = {**tracking.run_tags("eval_inpaint", tracking.project_root()), "stage": f"eval_inpaint/{method}",
+                    "method": method}
+            with mlflow.start_run(run_name=method, nested=True, tags=tags):
+                for set_index, (name, set_masks) in enumerate(tqdm(masks.items(), desc=method, unit="set", disable=None)):
+                    hole_all = torch.from_numpy(set_masks[:n])
+                    outputs, process = [], []
+                    for i in range(0, n, p.batch_size):
+                        x, hole = images[i:i + p.batch_size], hole_all[i:i + p.batch_size]
+                        snaps: list = []
+                        outputs.append(inpaint.inpaint_images(
+                            method, x, hole, encode=encode, decode=vae.decode, denoise_fn=denoise, schedule=schedule,
+                            scale_factor=scale, mask_policy=p.mask_policy, sampler=sampler, jump_length=p.repaint_jump,
+                            resample=p.repaint_resample, sdedit_t0=p.sdedit_t0, paste=p.paste_back,
+                            generator=torch.Generator().manual_seed(seed + 7919 * set_index + i),
+                            callback=snaps.append if i == 0 else None))
+                        if i == 0:
+                            keep = np.linspace(0, len(snaps) - 1, PROCESS_POINTS).round().astype(int)
+                            process = [to_uint8(vae.decode(snaps[k].x0[:1] / scale))[0].cpu().numpy() for k in keep]
+                    output = torch.cat(outputs)
+                    scores = preserved_fidelity(output, images, recon, hole_all)
+                    scores["seam"] = seam_score(output, images, hole_all)
+                    for key, values in scores.items():
+                        finite = values[torch.isfinite(values)]
+                        metrics[f"{method}/{name}/{key}"] = round(float(finite.mean()), 5) if len(finite) else None
+                    mlflow.log_metrics({f"{name}/{k}": v for k, v in
+                                        ((k, metrics[f"{method}/{name}/{k}"]) for k in scores) if v is not None})
+                    pixels = to_uint8(output).cpu().numpy()
+                    fills.append(pixels)
+                    if len(panel_rows) < p.panel_images:
+                        original = to_uint8(images[:1])[0].cpu().numpy()
+                        panel_rows.append([original, mask_overlay(original, set_masks[0]), pixels[0], *process])
+                fid = fid_kid(real, inception_features(np.concatenate(fills), extractor, params.eval.fid_batch_size, device),
+                              kid_subsets=params.eval.kid_subsets, seed=seed)
+                metrics.update({f"fid/{method}": round(fid["fid"], 3), f"kid/{method}": round(fid["kid_mean"], 5),
+                                f"seconds/{method}": round(time.perf_counter() - method_started, 1)})
+                mlflow.log_metrics({"fid": fid["fid"], "kid": fid["kid_mean"]})
+                mlflow.set_tag("fid_extractor", EXTRACTOR)
+                panel = out / "panels" / f"{method}.png"
+                labelled_grid(panel_rows, panel, row_labels=list(masks)[:len(panel_rows)],
+                              col_labels=["original", "mask", "inpainted", *(f"x0 @{j + 1}/{PROCESS_POINTS}" for j in range(PROCESS_POINTS))],
+                              title=f"{method} ({metrics['sampler']}, mask policy {p.mask_policy})")
+                if params.tracking.log_images:
+                    mlflow.log_artifact(str(panel), artifact_path="panels")
+
+        metrics["seconds"] = round(time.perf_counter() - started, 1)
+        write_json(out / "metrics.json", metrics)
+        mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+        for path in [out / "metrics.json", *out.glob("*.tsv")]:
+            mlflow.log_artifact(str(path))
+
+    best = min(p.methods, key=lambda m: metrics[f"fid/{m}"])
+    print(f"eval_inpaint: {len(p.methods)} methods x {len(masks)} mask sets x {n} images; "
+          + ", ".join(f"leak_radius_px {a} {metrics[f'leakage/{a}/leak_radius_px']}" for a in decoder_profiles)
+          + f"; best FID {best} {metrics[f'fid/{best}']:.1f} ({metrics['seconds']:.0f}s)")
+
+
+main = stage_main(run, parser)
+
+if __name__ == "__main__":
+    main()
