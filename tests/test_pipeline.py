@@ -67,7 +67,7 @@ TINY = {
                "why_iterate_steps": [5, 15], "guidance_scales": [0.0, 2.0], "anagram_classes": [0, 1]},
     "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2},
 }
-STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample")
+STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample", "convert_sd", "sd_baselines")
 
 
 def ran(output: str) -> set[str]:

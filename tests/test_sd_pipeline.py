@@ -95,7 +95,7 @@ def test_img2img_matches_diffusers(pair):
 
 def test_bad_arguments(pair):
     ours, _, _ = pair
-    with pytest.raises(ValueError, match="multiples of 2"):
+    with pytest.raises(ValueError, match="multiples of 4"):
         ours.txt2img(PROMPTS, height=15, width=16, steps=2)
     with pytest.raises(ValueError, match="strength"):
         ours.img2img(torch.rand(1, 3, 16, 16), PROMPTS[:1], strength=0.0)

@@ -188,10 +188,15 @@ class StableDiffusion:
         with self.placement.running(self.unet):
             return run(ddim_steps(denoise_fn, latents.to(self.device, torch.float32), schedule, timesteps=timesteps), callback)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's stride times the UNet's (64 for v1)."""
+        return self.vae_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
-        f = self.vae_factor
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        f, m = self.vae_factor, self.size_multiple
+        if height % m or width % m:
+            raise ValueError(f"height and width must be multiples of {m}, got {height}x{width}")
         return height // f, width // f
 
     def _guided(self, cond: Tensor, uncond: Tensor, guidance: float) -> DenoiseFn:
