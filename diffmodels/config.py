@@ -270,9 +270,46 @@ class EvalParams:
     kid_subsets: Count  # random subsets averaged by KID
 
 
+Device = Literal["auto", "cpu", "cuda", "mps"]
+SdDtype = Literal["auto", "float32", "float16", "bfloat16"]
+SdSide = Annotated[int, Range(ge=8, le=2048, multiple_of=8)]
+
+
 @dataclass(frozen=True)
 class SdParams:
-    pass
+    # Weights (stage convert_sd; diffmodels/sd/convert.py)
+    checkpoint: str | None  # local .safetensors / .ckpt file or diffusers folder; null: SD stages skip
+    architecture: Literal["v1-5", "tiny"]  # tiny: the random test models of tests/sd_reference.py
+    use_ema: bool  # take the model_ema.* UNet weights when the file has them
+    # Sampling (stage sd_baselines; diffmodels/sd/pipeline.py)
+    prompts: tuple[str, ...]
+    negative_prompt: str | None
+    steps: Annotated[int, Range(ge=1, le=1000)]  # DDIM steps
+    guidance: Annotated[float, Range(ge=0.0)]
+    height: SdSide
+    width: SdSide
+    batch_size: Count
+    num_test_images: Annotated[int, Range(ge=1, le=64)]  # test images for img2img and inpainting
+    image_prompt: str  # prompt for img2img and inpainting of the test images
+    strength: Annotated[float, Range(gt=0.0, le=1.0)]  # img2img (SDEdit) strength
+    inpaint_mask_set: Literal[MASK_SETS]  # type: ignore[valid-type]
+    anagram_prompts: tuple[str, ...]  # (upright, flipped)
+    anagram_flip: Literal["vertical", "horizontal", "rot180"]
+    # Placement (diffmodels/sd/device.py)
+    device: Device
+    dtype: SdDtype  # UNet and text encoder; auto = float16 on a GPU, float32 on the CPU
+    vae_dtype: SdDtype  # float32 recommended: v1's VAE overflows float16
+    offload: bool  # each component on the GPU only while it runs
+
+    def check(self) -> list[str]:
+        errors = []
+        if not self.prompts:
+            errors.append("sd.prompts needs at least one prompt")
+        if len(self.anagram_prompts) != 2:
+            errors.append(f"sd.anagram_prompts needs exactly 2 prompts, upright and flipped (got {len(self.anagram_prompts)})")
+        if self.device == "cpu" and "float16" in (self.dtype, self.vae_dtype):
+            errors.append("sd.dtype / sd.vae_dtype float16 needs a GPU; use float32 or bfloat16 with sd.device cpu")
+        return errors
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,17 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     """(N, H, W, C) uint8 blurred over H and W only (the naive denoiser of the "why iterate" figure)."""
     out = gaussian_filter(images.astype(np.float64), sigma=(0, sigma, sigma, 0), mode="nearest")
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def text_figure(path: str | Path, title: str, lines: Sequence[str], width_inches: float = 8.0) -> None:
+    """A PNG of a few lines of wrapped text, for a figure slot that has nothing to show (a stage
+    that skipped says why where its images would be)."""
+    import textwrap
+
+    wrapped = [w for line in lines for w in (textwrap.wrap(line, width=int(width_inches * 11)) or [""])]
+    fig = plt.figure(figsize=(width_inches, 0.8 + 0.22 * len(wrapped)))
+    fig.text(0.02, 0.98, title, fontsize=11, weight="bold", va="top")
+    fig.text(0.02, 0.98 - 0.35 / fig.get_figheight(), "\n".join(wrapped), fontsize=8, va="top", family="monospace")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -70,7 +70,8 @@ TINY = {
                 "leakage_samples": 2, "panel_images": 2, "methods": ["clamp_mean", "repaint", "sdedit"]},
     "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2},
 }
-STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample", "eval_inpaint")
+STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample", "eval_inpaint",
+          "convert_sd", "sd_baselines")
 
 
 def ran(output: str) -> set[str]:

@@ -95,9 +95,72 @@ def test_img2img_matches_diffusers(pair):
 
 def test_bad_arguments(pair):
     ours, _, _ = pair
-    with pytest.raises(ValueError, match="multiples of 2"):
+    with pytest.raises(ValueError, match="multiples of 4"):
         ours.txt2img(PROMPTS, height=15, width=16, steps=2)
     with pytest.raises(ValueError, match="strength"):
         ours.img2img(torch.rand(1, 3, 16, 16), PROMPTS[:1], strength=0.0)
     with pytest.raises(ValueError, match="spacing"):
         sd_timesteps(5, spacing="linspace")
+
+
+@torch.no_grad()
+def test_inpaint_matches_diffusers(pair):
+    """Latent blending with the 4-channel UNet equals diffusers' StableDiffusionInpaintPipeline."""
+    ours, ref, hf_tokenizer = pair
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=hf_tokenizer, unet=ref.unet, scheduler=_scheduler("leading"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    init = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[0, :, 4:12, 2:10] = 1
+    masks[1, :, 8:, :] = 1
+    for strength in (1.0, 0.6):
+        expected = pipe(PROMPTS, image=init, mask_image=masks, strength=strength, num_inference_steps=5, guidance_scale=5.0,
+                        height=16, width=16, generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+        steps = []
+        got = ours.inpaint(init, masks, PROMPTS, strength=strength, steps=5, guidance=5.0,
+                           generator=torch.Generator().manual_seed(0), callback=steps.append)  # fmt: skip
+        assert (got - expected).abs().max() < TOL, strength
+    # the known region of the final latents is the clean image latents exactly
+    z0 = ours.encode_images(init, torch.Generator().manual_seed(0))
+    keep = torch.nn.functional.interpolate(masks, size=z0.shape[-2:]) < 0.5
+    assert torch.equal(steps[-1].x[keep.expand_as(z0)], z0[keep.expand_as(z0)])
+
+
+@torch.no_grad()
+def test_anagram_of_one_prompt_under_identity_is_txt2img(pair):
+    ours, _, _ = pair
+    kwargs = dict(height=16, width=16, steps=3, guidance=7.5)
+    plain = ours.txt2img(PROMPTS, generator=torch.Generator().manual_seed(1), **kwargs)
+    same = ours.anagram(PROMPTS, PROMPTS, flip=lambda z: z, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert (plain - same).abs().max() < 1e-6  # 1/2 (a + a) = a exactly
+
+
+@pytest.mark.parametrize("flip", ["vertical", "horizontal", "rot180"])
+@torch.no_grad()
+def test_anagram_swapping_prompts_flips_the_trajectory(pair, flip):
+    """F(x) = 1/2 [eps_A(x) + P eps_B(P x)] gives P F(P x) = the (B, A) prediction, and DDIM acts
+    elementwise, so (B, A) from P z_T ends at P z_0 of (A, B) from z_T."""
+    ours, _, _ = pair
+    from diffmodels.sd.pipeline import FLIPS
+
+    P = FLIPS[flip]
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    a, b = [], []
+    kwargs = dict(flip=flip, height=16, width=16, steps=3, guidance=7.5)
+    ours.anagram(PROMPTS, PROMPTS[::-1], latents=z, callback=a.append, **kwargs)
+    ours.anagram(PROMPTS[::-1], PROMPTS, latents=P(z), callback=b.append, **kwargs)
+    assert (P(a[-1].x) - b[-1].x).abs().max() < 1e-5
+    assert (a[-1].x - b[-1].x).abs().max() > 1e-3  # not trivially symmetric
+
+
+def test_anagram_and_inpaint_arguments(pair):
+    ours, _, _ = pair
+    with pytest.raises(ValueError, match="flip must be one of vertical, horizontal, rot180"):
+        ours.anagram(PROMPTS, PROMPTS, flip="transpose", height=16, width=16, steps=2)
+    with pytest.raises(ValueError, match="1 upright prompts for 2 flipped"):
+        ours.anagram(PROMPTS[:1], PROMPTS, height=16, width=16, steps=2)
+    with pytest.raises(ValueError, match="masks must be"):
+        ours.inpaint(torch.rand(2, 3, 16, 16), torch.zeros(2, 1, 8, 8), PROMPTS, steps=2)

@@ -184,9 +184,11 @@ class AutoencoderKL(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def sample(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A posterior sample z = mean + std * n (unscaled)."""
+        """A posterior sample z = mean + std * n (unscaled). n is drawn on the generator's device
+        (the CPU without one) and moved, so a seed gives the same sample on every device."""
         mean, logvar = self.encode(x)
-        n = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        source = generator.device if generator is not None else torch.device("cpu")
+        n = torch.randn(mean.shape, generator=generator, device=source, dtype=mean.dtype).to(mean.device)
         return mean + torch.exp(0.5 * logvar) * n
 
     def decode(self, z: Tensor) -> Tensor:
