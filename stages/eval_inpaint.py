@@ -113,7 +113,7 @@ def run(args) -> None:
                      "sampler": f"{p.sampler}-{p.ddim_steps if p.sampler == 'ddim' else T}"}
     extractor = InceptionFeatures()
 
-    with tracking.stage_run("eval_inpaint", params, GROUPS):
+    with tracking.stage_run("eval_inpaint", params, GROUPS) as stage:
         # 1. the VAE itself: decoder and encoder leakage per mask alignment (SPEC 6.1, 6.2)
         g = torch.Generator().manual_seed(seed)
         decoder_profiles, encoder_profiles = {}, {}
@@ -140,7 +140,7 @@ def run(args) -> None:
             method_started, fills, panel_rows = time.perf_counter(), [], []
             tags = {**tracking.run_tags("eval_inpaint", tracking.project_root()), "stage": f"eval_inpaint/{method}",
                     "method": method}
-            with mlflow.start_run(run_name=method, nested=True, tags=tags):
+            with mlflow.start_run(experiment_id=stage.info.experiment_id, run_name=method, nested=True, tags=tags):
                 for set_index, (name, set_masks) in enumerate(tqdm(masks.items(), desc=method, unit="set", disable=None)):
                     hole_all = torch.from_numpy(set_masks[:n])
                     outputs, process = [], []
