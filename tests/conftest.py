@@ -4,10 +4,13 @@ reference models."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -86,10 +89,29 @@ def image_folder(tmp_path):
     return root
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run tiny models on one thread: on a shared, loaded CPU, OpenMP's worker hand-offs cost far
+    more than these few-kilobyte convolutions (measured 20-100x slower with 2 threads here);
+    results are compared within one thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def sd_ref():
     """Tiny random diffusers / transformers SD v1 components (tests/sd_reference.py), with torch on
     one thread while the module's tests run. Imported lazily: diffusers is slow to import."""
     sd_reference = pytest.importorskip("sd_reference")
-    with sd_reference.one_thread():
+    with single_thread():
         yield sd_reference.build_reference()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +36,6 @@ CLIP_CONFIG = CLIPTextConfig.tiny()  # width 32, 2 layers, 4 heads
 CONFIGS = dict(unet_config=UNET_CONFIG, vae_config=VAE_CONFIG, clip_config=CLIP_CONFIG)
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run tiny models on one thread: on a shared, loaded CPU, OpenMP's worker hand-offs cost far
-    more than these few-kilobyte convolutions (measured ~100x slower with 2 threads here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass

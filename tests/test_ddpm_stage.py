@@ -10,10 +10,9 @@ import yaml
 from diffmodels.checkpoint import load_checkpoint
 from diffmodels.ddpm import load_denoiser
 from stages import cache_latents, train_ddpm, train_vae
-from tests.vae_support import one_thread, tiny_params, tiny_prepared
+from tests.vae_support import tiny_params, tiny_prepared
 
 pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_store")
-assert one_thread
 
 TINY_DDPM = {
     "num_steps": 50, "base_channels": 8, "channel_mults": [1, 2], "blocks_per_level": 1, "norm_groups": 4,

@@ -22,10 +22,8 @@ from diffmodels.masks import make_mask
 from diffmodels.samplers import ddim_steps, ddpm_steps, run
 from diffmodels.schedule import NoiseSchedule
 from diffmodels.vae import VAE, VAEConfig
-from tests.vae_support import one_thread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-assert one_thread  # the fixture is used through pytestmark
 
 SHAPE = (2, 3, 4, 5)  # (B, C, h, w) latents
 

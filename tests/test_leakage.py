@@ -23,10 +23,8 @@ from diffmodels.metrics.leakage import (
 )
 from diffmodels.metrics.seam import boundary_band, seam_score
 from diffmodels.vae import VAE, VAEConfig, decoder_halo
-from tests.vae_support import one_thread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-assert one_thread  # the fixture is used through pytestmark
 
 NAN = math.nan
 

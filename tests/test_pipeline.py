@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import ROOT, save_image
+from tests.conftest import ROOT, save_image, shipped_params
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -53,19 +53,20 @@ def project(tmp_path_factory):
     return root
 
 
+SHIPPED = shipped_params()
 # Every stage at toy size: the point is the wiring (deps, params, outs, tracking), not the numbers.
 TINY = {
-    "vae": {**yaml.safe_load((ROOT / "params.yaml").read_text())["vae"],
+    "vae": {**SHIPPED["vae"],
             "base_channels": 4, "steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2,
             "log_every": 1, "val_every": 2, "num_val_images": 8, "grid_images": 4},
     "latents": {"channels": 4, "batch_size": 16},
-    "ddpm": {**yaml.safe_load((ROOT / "params.yaml").read_text())["ddpm"],
+    "ddpm": {**SHIPPED["ddpm"],
              "num_steps": 20, "base_channels": 8, "norm_groups": 4, "steps": 3, "batch_size": 8, "warmup_steps": 1,
              "checkpoint_every": 2, "log_every": 1, "sample_every": 2, "sample_steps": 2, "sample_images": 2},
-    "sample": {**yaml.safe_load((ROOT / "params.yaml").read_text())["sample"],
+    "sample": {**SHIPPED["sample"],
                "num_images": 4, "batch_size": 4, "ddim_steps": 4, "strip_points": 3,
                "why_iterate_steps": [5, 15], "guidance_scales": [0.0, 2.0], "anagram_classes": [0, 1]},
-    "inpaint": {**yaml.safe_load((ROOT / "params.yaml").read_text())["inpaint"],
+    "inpaint": {**SHIPPED["inpaint"],
                 "num_images": 2, "ddim_steps": 3, "repaint_jump": 1, "repaint_resample": 2, "sdedit_t0": 10,
                 "leakage_samples": 2, "panel_images": 2, "methods": ["clamp_mean", "repaint", "sdedit"]},
     "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2},

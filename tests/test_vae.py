@@ -9,10 +9,8 @@ from diffmodels.errors import CheckpointError
 from diffmodels.vae import (
     GRID, VAE, Decoder, Encoder, VAEConfig, decoder_halo, kl_standard_normal, load_vae, save_vae, vae_loss,
 )
-from tests.vae_support import one_thread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-assert one_thread  # the fixture is used through pytestmark
 
 
 def tiny(**overrides) -> VAEConfig:

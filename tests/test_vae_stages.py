@@ -10,21 +10,9 @@ from diffmodels.checkpoint import load_checkpoint
 from diffmodels.latents import SCALE_FACTOR_DEFINITION, load_split
 from diffmodels.vae import load_vae
 from stages import cache_latents, train_vae
-from tests.vae_support import one_thread, tiny_params, tiny_prepared
+from tests.vae_support import tiny_params, tiny_prepared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-assert one_thread  # the fixture is used through pytestmark
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DIFFMODELS_PIPELINE_ID"):
-        monkeypatch.delenv(var, raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    yield uri
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
 
 
 def train_args(tmp_path, params, name):
@@ -33,7 +21,7 @@ def train_args(tmp_path, params, name):
             "--checkpoints", str(tmp_path / name / "ckpt")]
 
 
-def test_train_cache_resume_and_tracking(tmp_path, store, capsys):
+def test_train_cache_resume_and_tracking(tmp_path, mlflow_store, capsys):
     tiny_prepared(tmp_path / "prepared")
     params = tiny_params(tmp_path / "params.yaml")
 
@@ -80,7 +68,7 @@ def test_train_cache_resume_and_tracking(tmp_path, store, capsys):
     assert set(cache_metrics["channel_std"]) == {"c0", "c1", "c2"}
 
     # 4. MLflow: every stage run recorded, with per-step loss history
-    mlflow.set_tracking_uri(store)
+    mlflow.set_tracking_uri(mlflow_store)
     runs = mlflow.search_runs(experiment_names=["diffmodels"], output_format="list")
     by_stage = sorted((r.data.tags["stage"], r.data.tags["resumed_from_step"] if "resumed_from_step" in r.data.tags else "-")
                       for r in runs)
@@ -94,7 +82,7 @@ def test_train_cache_resume_and_tracking(tmp_path, store, capsys):
     assert {"metrics.json", "loss.tsv", "reconstructions.png", "reconstructions"} <= artifacts
 
 
-def test_changed_params_start_fresh(tmp_path, store, capsys):
+def test_changed_params_start_fresh(tmp_path, mlflow_store, capsys):
     tiny_prepared(tmp_path / "prepared")
     train_vae.main(train_args(tmp_path, tiny_params(tmp_path / "p1.yaml"), "run") + ["--stop-after", "3"])
     train_vae.main(train_args(tmp_path, tiny_params(tmp_path / "p2.yaml", {"lr": 1e-3}), "run"))
@@ -103,7 +91,7 @@ def test_changed_params_start_fresh(tmp_path, store, capsys):
     assert "12 steps (0 resumed)" in out
 
 
-def test_latent_channel_mismatch_is_one_line(tmp_path, store, capsys):
+def test_latent_channel_mismatch_is_one_line(tmp_path, mlflow_store, capsys):
     tiny_prepared(tmp_path / "prepared")
     train_vae.main(train_args(tmp_path, tiny_params(tmp_path / "p.yaml", {"steps": 3}), "run"))
     with pytest.raises(SystemExit) as exit_info:

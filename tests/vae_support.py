@@ -5,23 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 import yaml
 
 from diffmodels.data import Split, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spinning on a busy 2-core machine can
-    make two threads 20x slower; results are compared within one thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def blob_images(n: int, size: int, seed: int) -> np.ndarray:
