@@ -96,6 +96,7 @@ def run(args) -> None:
     masks = {name: load_mask_set(args.masks, name, size) for name in params.data.mask_sets}
     n = min(p.num_images, len(test.images), *(len(m) for m in masks.values()))
     images = to_model_range(torch.from_numpy(np.array(test.images[:n]))).to(device)  # (n, C, H, W) in [-1, 1]
+    first = np.array(test.images[0])  # (H, W, C) uint8: the panels' original column
     real = load_checkpoint(args.fid_reference).tensors["features"]
     sampler = inpaint.Sampler(kind=p.sampler, ddim_steps=p.ddim_steps, prediction=meta["prediction"])
     torch.set_grad_enabled(False)
@@ -167,8 +168,7 @@ def run(args) -> None:
                     pixels = to_uint8(output).cpu().numpy()
                     fills.append(pixels)
                     if len(panel_rows) < p.panel_images:
-                        original = to_uint8(images[:1])[0].cpu().numpy()
-                        panel_rows.append([original, mask_overlay(original, set_masks[0]), pixels[0], *process])
+                        panel_rows.append([first, mask_overlay(first, set_masks[0]), pixels[0], *process])
                 fid = fid_kid(real, inception_features(np.concatenate(fills), extractor, params.eval.fid_batch_size, device),
                               kid_subsets=params.eval.kid_subsets, seed=seed)
                 metrics.update({f"fid/{method}": round(fid["fid"], 3), f"kid/{method}": round(fid["kid_mean"], 5),

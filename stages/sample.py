@@ -69,7 +69,7 @@ def run(args) -> None:
     if p.ddim_steps > T:
         raise DiffmodelsError(f"sample.ddim_steps {p.ddim_steps} exceeds the denoiser's {T} steps (ddpm.num_steps)")
     real = load_checkpoint(args.fid_reference).tensors["features"]
-    test = latent_cache.load_split(args.latents, "test")["mean"][:4] * scale
+    test = latent_cache.load_split(args.latents, "test")["mean"][:4].to(device) * scale
     out = args.reports / "figures"
     torch.set_grad_enabled(False)
 
@@ -120,19 +120,18 @@ def run(args) -> None:
 
         # 3. forward diffusion: test latents noised to increasing t
         levels = np.linspace(0, T, 9).round().astype(int).tolist()
-        eps = torch.randn(test.shape, generator=torch.Generator().manual_seed(seed + 3))
-        cols = [decode(schedule.to("cpu").q_sample(test, torch.full((len(test),), t), eps)) for t in levels]
-        schedule.to(device)
+        eps = torch.randn(test.shape, generator=torch.Generator().manual_seed(seed + 3)).to(device)
+        cols = [decode(schedule.q_sample(test, torch.full((len(test),), t, device=device), eps)) for t in levels]
         labelled_grid([[col[r] for col in cols] for r in range(len(test))], out / "forward_strip.png",
                       col_labels=[f"t={t}" for t in levels], title="Forward diffusion q(z_t | z_0), decoded")
         figures.append(out / "forward_strip.png")
 
         # 4. why iterate: one step from z_t vs the full reverse process from the same z_t
-        z0 = test[:1].to(device)
+        z0 = test[:1]
         rows = []
         for t in p.why_iterate_steps:
             tt = torch.full((1,), t, device=device)
-            zt = schedule.q_sample(z0, tt, eps[:1].to(device))
+            zt = schedule.q_sample(z0, tt, eps[:1])
             _, x0_hat = schedule.to_eps_x0(zt, tt, unconditional(zt, tt), prediction)
             k = max(1, round(p.ddim_steps * t / T))
             path = [round(t - i * t / k) for i in range(k)]
