@@ -256,11 +256,16 @@ class InpaintParams:
     repaint_resample: Count  # RePaint resample count r
     sdedit_t0: Annotated[int, Range(ge=1)]  # level the sdedit method noises the image to
     paste_back: bool
-    leakage_samples: Count  # R replacements per image for the leakage profiles (SPEC 6.1, 6.2)
     panel_images: Annotated[int, Range(ge=1, le=16)]  # rows in each example panel
 
     def check(self) -> list[str]:
         return [] if self.methods else ["inpaint.methods needs at least one method"]
+
+
+@dataclass(frozen=True)
+class LeakageParams:
+    num_images: Annotated[int, Range(ge=1, le=100000)]  # test images per mask set
+    samples: Count  # R hole replacements per image (SPEC 6.1, 6.2)
 
 
 @dataclass(frozen=True)
@@ -327,6 +332,7 @@ class Params:
     ddpm: DdpmParams
     sample: SampleParams
     inpaint: InpaintParams
+    leakage: LeakageParams
     eval: EvalParams
     sd: SdParams
     tracking: TrackingParams

@@ -72,7 +72,7 @@ def _as_pixel_hole(hole: Tensor) -> Tensor:
     return hole
 
 
-def latent_hole(hole: Tensor, policy: MaskPolicy = "nearest") -> Tensor:
+def latent_hole(hole: Tensor, policy: MaskPolicy = "nearest", grid: int = GRID) -> Tensor:
     """Map a pixel hole (B, H, W) or (B, 1, H, W), True = hole, to latent tiles (B, 1, H/8, W/8).
 
     nearest       tile (i, j) takes the pixel nearest its centre, (8i + 4, 8j + 4): nearest-
@@ -81,12 +81,13 @@ def latent_hole(hole: Tensor, policy: MaskPolicy = "nearest") -> Tensor:
     conservative  a tile is kept only if all its 64 pixels are kept: hole if any pixel is
 
     Grid-aligned holes (every tile all hole or all keep) map exactly under both policies.
+    ``grid`` is the VAE's stride (8 for ours and SD's; other strides for other VAEs).
     """
     hole = _as_pixel_hole(hole)
     if policy == "nearest":
-        return hole[..., GRID // 2 :: GRID, GRID // 2 :: GRID]
+        return hole[..., grid // 2 :: grid, grid // 2 :: grid]
     if policy == "conservative":
-        return F.max_pool2d(hole.float(), GRID) > 0
+        return F.max_pool2d(hole.float(), grid) > 0
     raise ValueError(f"mask_policy must be one of {MASK_POLICIES}, got {policy!r}")
 
 

@@ -23,6 +23,7 @@ two stages report the same number.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,14 @@ def channel_stats(means: torch.Tensor) -> dict[str, list[float]]:
 def write_split(path: Path, mean: torch.Tensor, logvar: torch.Tensor, labels: np.ndarray, info: dict[str, Any]) -> None:
     tensors = {"mean": mean, "logvar": logvar, "labels": torch.from_numpy(np.asarray(labels, dtype=np.int16))}
     save_checkpoint(path, tensors, {"format": FORMAT, **info})
+
+
+def read_scale_factor(cache_dir: str | Path) -> float:
+    """The cache's ``scale_factor`` (module docstring) from its ``manifest.json``."""
+    path = Path(cache_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path}: latent cache missing; run `dvc repro cache_latents`")
+    return float(json.loads(path.read_text())["scale_factor"])
 
 
 def load_split(cache_dir: str | Path, split: str) -> dict[str, torch.Tensor]:

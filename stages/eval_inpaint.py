@@ -1,4 +1,4 @@
-"""Stage eval_inpaint: every inpainting method x every mask set, leakage profiles, FID/KID of the fills.
+"""Stage eval_inpaint: every inpainting method x every mask set, scored, with FID/KID of the fills.
 
     python -m stages.eval_inpaint --ddpm data/models/ddpm.safetensors --vae data/models/vae.safetensors \\
         --prepared data/prepared --masks data/masks --fid-reference data/fid/test_features.safetensors \\
@@ -7,14 +7,12 @@
 For each method of ``inpaint.methods`` (SPEC 5.5) and each mask set (SPEC 6, "Mask sets") it
 inpaints the first ``inpaint.num_images`` test images and scores (SPEC 6.3-6.5): preserved-region
 PSNR / SSIM / MAE against the image and against its VAE reconstruction, the seam score, and FID /
-KID of each method's fills over all mask sets. Independently of any method it measures the VAE
-(SPEC 6.1, 6.2): the decoder leakage profile with ``leak_mean`` / ``leak_radius_px`` and the encoder
-leakage, per mask alignment (``aligned`` sets have edges on the 8-px latent grid, ``offset`` not).
+KID of each method's fills over all mask sets. The VAE's own leakage (SPEC 6.1, 6.2) does not
+depend on the denoiser and is measured by stage eval_leakage.
 
-Outputs in ``reports/eval_inpaint/``: ``metrics.json`` (``<method>/<mask set>/<metric>``, ``fid/<method>``,
-``leakage/<alignment>/...``), ``decoder_leakage.tsv`` and ``encoder_leakage.tsv`` (distance vs mean
-change, one column per alignment, for ``dvc plots``) and ``panels/<method>.png`` (original | mask |
-inpainted | process). MLflow: one child run per method under the stage run.
+Outputs in ``reports/eval_inpaint/``: ``metrics.json`` (``<method>/<mask set>/<metric>``,
+``fid/<method>``, ``kid/<method>``) and ``panels/<method>.png`` (original | mask | inpainted |
+process). MLflow: one child run per method under the stage run.
 """
 
 from __future__ import annotations
@@ -35,14 +33,10 @@ from diffmodels.data import load_split
 from diffmodels.ddpm import load_denoiser
 from diffmodels.errors import DataError
 from diffmodels.figures import labelled_grid
-from diffmodels.io import write_json, write_text
+from diffmodels.io import write_json
 from diffmodels.masks import load_mask_set
 from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, fid_kid, inception_features
 from diffmodels.metrics.fidelity import preserved_fidelity
-from diffmodels.metrics.leakage import (
-    MAX_DISTANCE_PX, MAX_DISTANCE_TILES, LeakageProfile, decoder_leakage, encoder_leakage, hole_fills,
-    latent_replacements, leakage_scalars,
-)
 from diffmodels.metrics.seam import seam_score
 from diffmodels.train import select_device
 from diffmodels.vae import load_vae, to_model_range, to_uint8
@@ -65,18 +59,6 @@ def mask_overlay(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     out = image.astype(np.float32)
     out[hole] = 0.35 * out[hole] + 0.65 * 128.0
     return out.round().astype(np.uint8)
-
-
-def profile_table(profiles: dict[str, LeakageProfile], unit: str) -> str:
-    """TSV for dvc plots: distance, then one column of mean change per alignment (empty bins blank)."""
-    names = list(profiles)
-    lines = ["\t".join([f"distance_{unit}", *names])]
-    for i, d in enumerate(next(iter(profiles.values())).distance):
-        cells = [profiles[n].value[i] for n in names]
-        if all(math.isnan(c) for c in cells):
-            continue
-        lines.append("\t".join([str(d), *("" if math.isnan(c) else f"{c:.6g}" for c in cells)]))
-    return "\n".join(lines) + "\n"
 
 
 def run(args) -> None:
@@ -115,28 +97,7 @@ def run(args) -> None:
     extractor = InceptionFeatures()
 
     with tracking.stage_run("eval_inpaint", params, GROUPS) as stage:
-        # 1. the VAE itself: decoder and encoder leakage per mask alignment (SPEC 6.1, 6.2)
-        g = torch.Generator().manual_seed(seed)
-        decoder_profiles, encoder_profiles = {}, {}
-        for alignment in ("aligned", "offset"):
-            sets = [s for s in masks if s.endswith(f"_{alignment}")]
-            if not sets:
-                continue
-            hole = torch.from_numpy(np.concatenate([masks[s][:n] for s in sets]))
-            x = images.repeat(len(sets), 1, 1, 1)
-            z = encode(x)
-            decoder_profiles[alignment] = dec = decoder_leakage(
-                vae.decode, z, hole, latent_replacements(z, p.leakage_samples, scale_factor=scale, generator=g),
-                mask_policy=p.mask_policy, max_distance=MAX_DISTANCE_PX)
-            encoder_profiles[alignment] = enc = encoder_leakage(
-                encode, x, hole, hole_fills(x, p.leakage_samples, generator=g), max_distance=MAX_DISTANCE_TILES)
-            metrics.update({f"leakage/{alignment}/{k}": v for k, v in leakage_scalars(dec).items()})
-            metrics[f"leakage/{alignment}/enc_leak_mean"] = enc.mean
-        if decoder_profiles:
-            write_text(out / "decoder_leakage.tsv", profile_table(decoder_profiles, "px"))
-            write_text(out / "encoder_leakage.tsv", profile_table(encoder_profiles, "tiles"))
-
-        # 2. every method x every mask set: fidelity, seam, fills for FID/KID
+        # every method x every mask set: fidelity, seam, fills for FID/KID
         for method in p.methods:
             method_started, fills, panel_rows = time.perf_counter(), [], []
             tags = {**tracking.run_tags("eval_inpaint", tracking.project_root()), "stage": f"eval_inpaint/{method}",
@@ -186,13 +147,11 @@ def run(args) -> None:
         write_json(out / "metrics.json", metrics)
         mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
-        for path in [out / "metrics.json", *out.glob("*.tsv")]:
-            mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(out / "metrics.json"))
 
     best = min(p.methods, key=lambda m: metrics[f"fid/{m}"])
     print(f"eval_inpaint: {len(p.methods)} methods x {len(masks)} mask sets x {n} images; "
-          + ", ".join(f"leak_radius_px {a} {metrics[f'leakage/{a}/leak_radius_px']}" for a in decoder_profiles)
-          + f"; best FID {best} {metrics[f'fid/{best}']:.1f} ({metrics['seconds']:.0f}s)")
+          f"best FID {best} {metrics[f'fid/{best}']:.1f} ({metrics['seconds']:.0f}s)")
 
 
 main = stage_main(run, parser)

@@ -8,7 +8,9 @@ guidance), img2img (SDEdit, ``sd.strength``) and latent inpainting (mask set
 ``sd.inpaint_mask_set``) on the first ``sd.num_test_images`` test images, upscaled to
 ``sd.height`` x ``sd.width`` and made RGB, visual anagrams of ``sd.anagram_prompts``, and the SD
 VAE's reconstruction PSNR/SSIM of test images at the data resolution (the numbers cache_latents
-reports for our VAE). Figures in ``<reports>/figures/``: txt2img.png, img2img.png, inpaint.png,
+reports for our VAE) and its decoder / encoder leakage over the mask sets of ``data.mask_sets``
+(``leakage.*``, as stage eval_leakage measures ours: ``decoder_leakage.tsv``, ``encoder_leakage.tsv``,
+``sd_vae_leakage/<alignment>/<scalar>``). Figures in ``<reports>/figures/``: txt2img.png, img2img.png, inpaint.png,
 anagram.png, vae_reconstruction.png. Without converted weights it draws figures/status.png and
 writes metrics.json saying why, and exits 0.
 """
@@ -31,14 +33,16 @@ from diffmodels.config import load_params
 from diffmodels.data import load_split
 from diffmodels.errors import DiffmodelsError
 from diffmodels.figures import labelled_grid, text_figure
-from diffmodels.io import write_json
+from diffmodels.io import write_json, write_text
 from diffmodels.latents import ReconMetrics
 from diffmodels.masks import load_mask_set
+from diffmodels.metrics.leakage import profile_table, vae_leakage
 from diffmodels.sd.device import choose_placement
+from diffmodels.sd.vae import SCALE_FACTOR as SD_SCALE_FACTOR
 from diffmodels.sd.weights import HOW_TO, load_pipeline
 from stages._cli import base_parser, stage_main
 
-GROUPS = ("seed", "sd")
+GROUPS = ("seed", "sd", "leakage", "inpaint", "data")
 VAE_IMAGES = 32  # test images for the SD VAE's reconstruction metrics
 
 parser = base_parser(__doc__.splitlines()[0])
@@ -86,6 +90,8 @@ def run(args) -> None:
     weights = args.models / "sd.safetensors"
     out = args.reports / "figures"
     shutil.rmtree(out, ignore_errors=True)  # figures of an earlier run (with or without weights) go
+    for stale in ("decoder_leakage.tsv", "encoder_leakage.tsv"):
+        (args.reports / stale).unlink(missing_ok=True)
     with tracking.stage_run("sd_baselines", params, GROUPS):
         if not weights.is_file():
             status = args.models / "status.json"
@@ -176,10 +182,27 @@ def run(args) -> None:
                           row_labels=["test", "SD VAE"], title="SD VAE reconstruction (posterior mean)")  # fmt: skip
             figures.append(out / "vae_reconstruction.png")
 
+            # 6. the SD VAE's leakage across our mask sets, as eval_leakage measures ours (SPEC 4.8)
+            lp = params.leakage
+            masks = {name: load_mask_set(args.masks, name, originals.shape[-1]) for name in params.data.mask_sets}
+            k = min(lp.num_images, len(originals), *(len(v) for v in masks.values()))
+            started = time.perf_counter()
+            with sd.placement.running(sd.vae), torch.no_grad():
+                leak = vae_leakage(lambda im: sd.vae.encode(im.to(placement.vae_dtype))[0].float(),
+                                   lambda z: sd.vae.decode(z.to(placement.vae_dtype)).float(),
+                                   originals[:k].to(sd.device) * 2 - 1, masks, samples=lp.samples,
+                                   scale_factor=SD_SCALE_FACTOR, mask_policy=params.inpaint.mask_policy,
+                                   generator=torch.Generator().manual_seed(seed + 400))
+            metrics.update({f"sd_vae_leakage/{key}": value for key, value in leak.scalars().items()})
+            metrics["sd_vae_leakage_seconds"] = round(time.perf_counter() - started, 1)
+            write_text(args.reports / "decoder_leakage.tsv", profile_table(leak.decoder))
+            write_text(args.reports / "encoder_leakage.tsv", profile_table(leak.encoder))
+
         write_json(args.reports / "metrics.json", metrics)
         mlflow.set_tags({"sd_status": "ran", "sd_device": metrics["device"], "sd_dtype": metrics["dtype"]})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(args.reports / "metrics.json"))
+        for path in [args.reports / "metrics.json", *args.reports.glob("*.tsv")]:
+            mlflow.log_artifact(str(path))
         if params.tracking.log_images:
             for path in figures:
                 mlflow.log_artifact(str(path), artifact_path="figures")

@@ -101,11 +101,7 @@ def run(args) -> None:
     precision = Precision.from_mode(device, p.amp)
 
     # 1. data: cached posterior moments, scaled to unit variance
-    manifest_path = args.latents / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{manifest_path}: latent cache missing; run `dvc repro cache_latents`")
-    manifest = json.loads(manifest_path.read_text())
-    scale = float(manifest["scale_factor"])
+    scale = latent_cache.read_scale_factor(args.latents)
     train = latent_cache.load_split(args.latents, "train")
     mean, logvar, labels = train["mean"], train["logvar"], train["labels"].long()
     if p.batch_size > len(mean):
@@ -126,7 +122,7 @@ def run(args) -> None:
     )
     inputs = {
         "params": flatten(params, GROUPS),
-        "latents": manifest.get("sha256") or manifest.get("scale_factor"),
+        "latents": scale,  # changes with the VAE or the data
         "code": {Path(f).name: digest for f, digest in file_digest(CODE).items()},
         "precision": precision.name,
     }

@@ -12,6 +12,7 @@ from diffmodels.inpaint import upsample_tiles
 from diffmodels.metrics.fidelity import masked_mae, masked_psnr, masked_ssim, preserved_fidelity, ssim_map
 from diffmodels.metrics.leakage import (
     LEVEL,
+    LeakageProfile,
     binned_mean,
     decoder_leakage,
     distance_to_hole,
@@ -20,6 +21,9 @@ from diffmodels.metrics.leakage import (
     latent_replacements,
     leak_radius,
     leakage_scalars,
+    mask_alignment,
+    profile_table,
+    vae_leakage,
 )
 from diffmodels.metrics.seam import boundary_band, seam_score
 from diffmodels.vae import VAE, VAEConfig, decoder_halo
@@ -203,6 +207,39 @@ def test_encoder_leakage_of_real_vaes_with_and_without_se():
     assert profiles[False].count[8] > 0 and profiles[False].value[8] == 0.0
     assert profiles[True].value[8] > 0.0
     assert profiles[False].value[1] > 0.0, "neighbours inside the receptive field do move"
+
+
+# --------------------------------------------------------------------------------------------
+# A VAE over mask sets
+# --------------------------------------------------------------------------------------------
+
+
+def test_vae_leakage_pools_mask_sets_per_alignment():
+    """Tile encoder/decoder pair: aligned holes leak nothing at all; offset holes leak only inside
+    the replaced tiles (decoder) and never into fully kept tiles (encoder)."""
+    x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    aligned = aligned_hole().numpy()
+    masks = {"box_aligned": aligned, "flip_aligned": aligned[:, ::-1].copy(),
+             "box_offset": np.roll(aligned, 3, axis=(1, 2))}
+    assert [mask_alignment(m) for m in masks] == ["aligned", "aligned", "offset"]
+
+    def encode(im):
+        return F.avg_pool2d(im, 8).repeat(1, 3, 1, 1) * torch.tensor([1.0, 0.5, -1.0], dtype=im.dtype)[:, None, None]
+
+    result = vae_leakage(encode, tile_decoder, x, masks, samples=2, generator=torch.Generator().manual_seed(1))
+    assert list(result.decoder) == list(result.encoder) == ["aligned", "offset"]
+    assert sum(result.decoder["aligned"].count) == 2 * int((~torch.from_numpy(aligned)).sum()) * 2, "2 sets x 2 samples"
+    scalars = result.scalars()
+    assert scalars["aligned/leak_mean"] == 0.0 and scalars["aligned/leak_radius_px"] == 0
+    assert scalars["aligned/enc_leak_mean"] == 0.0 and scalars["offset/enc_leak_mean"] == 0.0
+    assert scalars["offset/leak_mean"] > 0 and 1 <= scalars["offset/leak_radius_px"] <= 7
+
+
+def test_profile_table_has_one_column_per_profile_and_skips_empty_bins():
+    a = LeakageProfile([0, 1, 2, 3], [NAN, 0.5, NAN, 0.125], [0, 4, 0, 2], 0.375, "px")
+    b = LeakageProfile([0, 1, 2, 3], [NAN, 0.25, 1e-7, NAN], [0, 4, 1, 0], 0.2, "px")
+    assert profile_table({"aligned": a, "offset": b}) == (
+        "distance_px\taligned\toffset\n1\t0.5\t0.25\n2\t\t1e-07\n3\t0.125\t\n")
 
 
 # --------------------------------------------------------------------------------------------

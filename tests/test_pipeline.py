@@ -68,10 +68,11 @@ TINY = {
                "why_iterate_steps": [5, 15], "guidance_scales": [0.0, 2.0], "anagram_classes": [0, 1]},
     "inpaint": {**SHIPPED["inpaint"],
                 "num_images": 2, "ddim_steps": 3, "repaint_jump": 1, "repaint_resample": 2, "sdedit_t0": 10,
-                "leakage_samples": 2, "panel_images": 2, "methods": ["clamp_mean", "repaint", "sdedit"]},
+                "panel_images": 2, "methods": ["clamp_mean", "repaint", "sdedit"]},
+    "leakage": {"num_images": 2, "samples": 2},
     "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2},
 }
-STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample", "eval_inpaint",
+STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample", "eval_leakage", "eval_inpaint",
           "convert_sd", "sd_baselines")
 
 
@@ -94,8 +95,10 @@ def test_repro_then_nothing_reruns(project):
     parent = logged["eval_inpaint"].info.run_id
     assert children == {f"eval_inpaint/{m}" for m in TINY["inpaint"]["methods"]}
     assert all(logged[c].data.tags["mlflow.parentRunId"] == parent for c in children)
+    leakage = json.loads((project / "reports/eval_leakage/metrics.json").read_text())
+    assert 0 <= leakage["aligned/leak_radius_px"] <= 32 and 0 <= leakage["offset/leak_mean"] < 1
     metrics = json.loads((project / "reports/eval_inpaint/metrics.json").read_text())
-    assert metrics["leakage/aligned/leak_radius_px"] >= 0 and metrics["fid/repaint"] > 0
+    assert metrics["fid/repaint"] > 0
     assert 0 <= metrics["clamp_mean/centre_aligned/ssim_image"] <= 1
     assert (project / "reports/eval_inpaint/panels/sdedit.png").exists()
     run = logged["prepare"]
@@ -135,6 +138,17 @@ def test_experiment_reruns_only_downstream_and_shows_in_exp_show(project, overri
     assert name in tags
 
 
+def test_vae_ablation_runs_only_the_vae_and_its_leakage(project):
+    """`dvc exp run -S vae.decoder_kernel=7 eval_leakage`: the VAE ablation without a denoiser."""
+    baseline = json.loads((project / "reports/train_vae/metrics.json").read_text())
+    out = dvc(project, "exp", "run", "-n", "k7", "-S", "vae.decoder_kernel=7", "eval_leakage", timeout=600)
+    assert ran(out.stdout) == {"train_vae", "cache_latents", "eval_leakage"}, out.stdout
+    params, metrics = experiment(project, "k7")
+    assert params["vae"]["decoder_kernel"] == 7
+    assert metrics["decoder_halo_px"] > baseline["decoder_halo_px"]
+    assert 0 <= metrics["offset/leak_radius_px"] <= 32 and metrics["offset/leak_mean"] >= 0
+
+
 def test_typo_in_set_param_fails(project):
     # DVC itself refuses to add an unknown key through -S (its overrides are struct-checked) ...
     plain = dvc(project, "exp", "run", "-S", "data.resolutoin=32", check=False)
@@ -148,18 +162,22 @@ def test_typo_in_set_param_fails(project):
 
 
 def test_queued_experiment_records_into_the_main_store(project):
-    dvc(project, "exp", "run", "--queue", "-n", "nomixer", "-S", "ddpm.mixer=none")
+    # A new resolution reruns the whole pipeline, here with the convolution-only ablation too.
+    dvc(project, "exp", "run", "--queue", "-n", "res32", "-S", "data.resolution=32", "-S", "ddpm.mixer=none")
     dvc(project, "queue", "start")
-    deadline = time.time() + 600
+    deadline = time.time() + 900
     while time.time() < deadline:
         status = dvc(project, "queue", "status").stdout
-        if "nomixer" in status and not any(s in status for s in ("Queued", "Running")):
+        if "res32" in status and not any(s in status for s in ("Queued", "Running")):
             break
         time.sleep(2)
     assert "Success" in status, status
-    logged = {r.data.tags["stage"]: r for r in runs(project) if r.data.tags.get("dvc_exp_name") == "nomixer"}
-    assert {"train_ddpm", "sample", "eval_inpaint"} <= set(logged)
+    logged = {r.data.tags["stage"]: r for r in runs(project) if r.data.tags.get("dvc_exp_name") == "res32"}
+    assert set(STAGES) <= set(logged)
+    assert logged["prepare"].data.params["data.resolution"] == "32"
     run = logged["train_ddpm"]
     assert run.data.params["ddpm.mixer"] == "none" and run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
+    params, metrics = experiment(project, "res32")
+    assert params["data"]["resolution"] == 32 and metrics["fid_ddim"] > 0
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside the temporary copy"

@@ -34,7 +34,7 @@ def store(tmp_path_factory):
         mlflow.end_run()
     mp.undo()
 
-TINY_SD = {"sd.architecture": "tiny", "sd.steps": 2, "sd.height": 16, "sd.width": 16, "sd.num_test_images": 2,
+TINY_SD = {"data.mask_sets": ["centre_aligned"], "leakage.num_images": 2, "sd.architecture": "tiny", "sd.steps": 2, "sd.height": 16, "sd.width": 16, "sd.num_test_images": 2,
            "sd.prompts": ["a photo of a cat", "a red door"], "sd.batch_size": 2, "sd.device": "cpu"}  # fmt: skip
 
 
@@ -113,6 +113,11 @@ def test_with_a_checkpoint_converts_once_and_runs_every_baseline(tmp_path, data,
         assert metrics[f"{key}_seconds_per_image"] > 0
     assert metrics["img2img_psnr_to_input"] > 0 and metrics["inpaint_known_psnr"] > 0 and 0 < metrics["inpaint_hole_fraction"] < 1
     assert metrics["sd_vae_images"] == 8 and 0 < metrics["sd_vae_ssim"] <= 1
+    # the SD VAE under our leakage metrics (stride 2 for the tiny VAE, 8 for v1-5)
+    assert 0 < metrics["sd_vae_leakage/aligned/leak_mean"] < 1 and metrics["sd_vae_leakage/aligned/enc_leak_mean"] > 0
+    assert 1 <= metrics["sd_vae_leakage/aligned/leak_radius_px"] <= 32, "GroupNorm and attention spread any change"
+    table = (tmp_path / "reports/sd_baselines/decoder_leakage.tsv").read_text().splitlines()
+    assert table[0] == "distance_px\taligned" and len(table) > 2
     figures = sorted(p.name for p in (tmp_path / "reports/sd_baselines/figures").iterdir())
     assert figures == ["anagram.png", "img2img.png", "inpaint.png", "txt2img.png", "vae_reconstruction.png"]
     runs = stage_runs(tmp_path)

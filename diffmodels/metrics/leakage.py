@@ -13,6 +13,9 @@ k = 0..m (m = ``max_distance``; 32 px for the decoder, 8 tiles for the encoder):
 k <= d < k + 1 and the last bin everything at d >= m, so leakage far away is not dropped. Kept
 pixels have d >= 1, so bin 0 is empty for pixel profiles; empty bins are NaN.
 
+Latent tiles are 8x8 pixels for our VAE and SD's; in general the stride is read off the shapes
+(image side / latent side), so any VAE can be measured.
+
 1. Decoder leakage (:func:`decoder_leakage`). z = E(x); for R replacements z'_r of the hole
    tiles (latent grid mask by the inpainting ``mask_policy``; :func:`latent_replacements`
    draws random normal latents and latents of other images):
@@ -165,7 +168,7 @@ def decoder_leakage(
     are chosen from the pixel hole by ``mask_policy`` as the inpainting methods choose them.
     ``profile.mean`` is ``leak_mean``, ``profile.radius()`` is ``leak_radius_px``."""
     hole = as_hole(hole)
-    tiles = latent_hole(hole, mask_policy).to(z.device)  # (B, 1, h, w)
+    tiles = latent_hole(hole, mask_policy, grid=hole.shape[-1] // z.shape[-1]).to(z.device)  # (B, 1, h, w)
     dist = distance_to_hole(hole).masked_fill(hole.cpu(), math.nan)  # kept pixels only
     base = to_unit(decode(z))  # (B, C_img, H, W)
     sums = counts = 0
@@ -214,10 +217,10 @@ def encoder_leakage(
     distance to the nearest tile with a hole pixel. ``encode``: images (B, C, H, W) in [-1, 1]
     -> posterior mean (B, C_lat, H/8, W/8). ``profile.mean`` is ``enc_leak_mean``."""
     hole = as_hole(hole)
-    hole_tiles = latent_hole(hole, "conservative")[:, 0]  # (B, h, w): tile has a hole pixel
+    z = encode(images).float()  # (B, C_lat, h, w)
+    hole_tiles = latent_hole(hole, "conservative", grid=hole.shape[-1] // z.shape[-1])[:, 0]  # (B, h, w): tile has a hole pixel
     dist = distance_to_hole(hole_tiles).masked_fill(hole_tiles.cpu(), math.nan)
     pixel_hole = hole[:, None].to(images.device)
-    z = encode(images).float()  # (B, C_lat, h, w)
     norm = z.norm(dim=1)  # (B, h, w)
     num = den = counts = 0
     for fill in fills:
@@ -229,3 +232,76 @@ def encoder_leakage(
     mean = float(num.sum() / den.sum().clamp(min=1e-30)) if counts.sum() > 0 else math.nan
     return LeakageProfile(list(range(max_distance + 1)), value.tolist(), [int(c) for c in counts], mean, "tiles")
 
+
+
+# --------------------------------------------------------------------------------------------
+# A VAE over mask sets: both profiles per mask alignment (stages eval_leakage, sd_baselines)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VaeLeakage:
+    """Decoder and encoder profiles of one VAE, keyed by mask alignment (``aligned``, ``offset``)."""
+
+    decoder: dict[str, LeakageProfile]
+    encoder: dict[str, LeakageProfile]
+
+    def scalars(self) -> dict[str, float]:
+        """``<alignment>/leak_mean``, ``<alignment>/leak_radius_px`` and ``<alignment>/enc_leak_mean``."""
+        out: dict[str, float] = {}
+        for alignment, profile in self.decoder.items():
+            out.update({f"{alignment}/{k}": v for k, v in leakage_scalars(profile).items()})
+            out[f"{alignment}/enc_leak_mean"] = self.encoder[alignment].mean
+        return out
+
+
+def mask_alignment(mask_set: str) -> str:
+    """``centre_aligned`` -> ``aligned``: the alignment suffix of a mask-set name (SPEC 6, "Mask sets")."""
+    return mask_set.rsplit("_", 1)[-1]
+
+
+@torch.no_grad()
+def vae_leakage(
+    encode: Callable[[Tensor], Tensor],
+    decode: Callable[[Tensor], Tensor],
+    images: Tensor,
+    masks: dict[str, np.ndarray | Tensor],
+    *,
+    samples: int,
+    scale_factor: float = 1.0,
+    mask_policy: MaskPolicy = "nearest",
+    generator: torch.Generator | None = None,
+) -> VaeLeakage:
+    """Both leakage profiles of a VAE, pooled over the mask sets of each alignment.
+
+    ``images`` (B, C, H, W) in [-1, 1]; ``masks`` maps mask-set names to (>= B, H, W) boolean holes
+    (the first B are used, one per image); ``samples`` = R replacements per image. ``encode`` gives
+    the posterior mean (unscaled latents), ``decode`` takes unscaled latents; ``scale_factor`` sizes
+    the random replacement latents (:func:`latent_replacements`)."""
+    b = images.shape[0]
+    decoder, encoder = {}, {}
+    for alignment in dict.fromkeys(mask_alignment(s) for s in masks):
+        sets = [s for s in masks if mask_alignment(s) == alignment]
+        hole = torch.cat([torch.as_tensor(masks[s][:b]) for s in sets])
+        x = images.repeat(len(sets), 1, 1, 1)
+        z = encode(x)
+        decoder[alignment] = decoder_leakage(
+            decode, z, hole, latent_replacements(z, samples, scale_factor=scale_factor, generator=generator),
+            mask_policy=mask_policy, max_distance=MAX_DISTANCE_PX)
+        encoder[alignment] = encoder_leakage(
+            encode, x, hole, hole_fills(x, samples, generator=generator), max_distance=MAX_DISTANCE_TILES)
+    return VaeLeakage(decoder, encoder)
+
+
+def profile_table(profiles: dict[str, LeakageProfile]) -> str:
+    """TSV for ``dvc plots``: ``distance_<unit>``, then one column of binned values per profile
+    (named by its key); bins empty in every profile are left out, empty cells are blank."""
+    names = list(profiles)
+    first = profiles[names[0]]
+    lines = ["\t".join([f"distance_{first.unit}", *names])]
+    for i, d in enumerate(first.distance):
+        cells = [profiles[n].value[i] for n in names]
+        if all(math.isnan(c) for c in cells):
+            continue
+        lines.append("\t".join([str(d), *("" if math.isnan(c) else f"{c:.6g}" for c in cells)]))
+    return "\n".join(lines) + "\n"
