@@ -41,6 +41,7 @@ class PageCheck:
     images: list[dict]  # {src (first 60 chars), naturalWidth, naturalHeight, complete}
     console: list[dict]  # browser log entries (level, message)
     text: str  # document.body.innerText
+    graphics: int  # <svg> and <canvas> elements (charts drawn by script)
 
     @property
     def broken_images(self) -> list[dict]:
@@ -75,6 +76,7 @@ def check_page(path: Path, screenshot: Path | None = None, width: int = 1400) ->
             " naturalHeight: i.naturalHeight, complete: i.complete}))")
         console = [{"level": e["level"], "message": e["message"]} for e in driver.get_log("browser")]
         text = driver.execute_script("return document.body.innerText")
+        graphics = driver.execute_script("return document.querySelectorAll('svg, canvas').length")
         if screenshot is not None:
             height = driver.execute_script("return document.documentElement.scrollHeight")
             shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
@@ -82,6 +84,6 @@ def check_page(path: Path, screenshot: Path | None = None, width: int = 1400) ->
                 "clip": {"x": 0, "y": 0, "width": width, "height": min(height, 16000), "scale": 1}})
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             screenshot.write_bytes(base64.b64decode(shot["data"]))
-        return PageCheck(driver.title, images, console, text)
+        return PageCheck(driver.title, images, console, text, graphics)
     finally:
         driver.quit()

@@ -124,19 +124,39 @@ def exp_show_rows(workspace: dict, baseline: dict, experiments: dict[str, dict],
             {"rev": "b" * 40, "name": None, "data": data(baseline, 3), "experiments": None}]
 
 
-@pytest.fixture
-def project(tmp_path, mlflow_store):
-    """Workspace = baseline; experiment 'k7' exists only in MLflow (its files logged from elsewhere)."""
-    mlflow.set_tracking_uri(mlflow_store)  # an earlier test's stage may have pointed mlflow elsewhere
-    root = tmp_path / "project"
-    write(root / "dvc.yaml", PIPELINE)
-    write(root / "params.yaml", yaml.safe_dump(params_with()))
-    elsewhere = tmp_path / "k7"
-    k7 = fake_reports(elsewhere, 2.0, 200)
-    log_runs(elsewhere, k7, "k7")
-    base = fake_reports(root, 1.0, 60)
-    log_runs(root, base, None)
-    return SimpleNamespace(root=root, base=base, k7=k7, uri=mlflow_store)
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Workspace = baseline; experiment 'k7' exists only in MLflow (its files logged from elsewhere).
+    Then the report stage and the comparison, once for the module's tests."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "DIFFMODELS_PIPELINE_ID"):
+            mp.delenv(var, raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)  # an earlier test's stage may have pointed mlflow elsewhere
+        root = tmp_path / "project"
+        write(root / "dvc.yaml", PIPELINE)
+        write(root / "params.yaml", yaml.safe_dump(params_with()))
+        elsewhere = tmp_path / "k7"
+        k7 = fake_reports(elsewhere, 2.0, 200)
+        log_runs(elsewhere, k7, "k7")
+        base = fake_reports(root, 1.0, 60)
+        log_runs(root, base, None)
+
+        from stages import report as report_stage
+
+        mp.chdir(root)
+        out = io.StringIO()
+        with __import__("contextlib").redirect_stdout(out):
+            report_stage.main(["--html", "reports/index.html", "--metrics", "reports/metrics.json", "--fid", "reports/fid.tsv"])
+        workspace, exps, skipped = compare.parse_exp_show(exp_show_rows(base, base, {"k7": k7}))
+        stages = report.read_pipeline(root / "dvc.yaml")
+        files = compare.Files(root, stages, workspace, uri, report.stage_runs("diffmodels", uri))
+        (root / "reports/compare.html").write_text(compare.render_compare(exps, stages, files, skipped, uri))
+        yield SimpleNamespace(root=root, base=base, k7=k7, uri=uri, report_out=out.getvalue(), exps=exps)
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
 
 
 def b64_of(data: bytes) -> str:
@@ -222,12 +242,8 @@ def test_parse_exp_show_keeps_the_baseline_and_finished_experiments():
         compare.select(exps, ["nope"])
 
 
-def test_report_page_and_metrics(project, monkeypatch, capsys):
-    from stages import report as report_stage
-
-    monkeypatch.chdir(project.root)
-    report_stage.main(["--html", "reports/index.html", "--metrics", "reports/metrics.json", "--fid", "reports/fid.tsv"])
-    assert "3 stages, 3 linked to their MLflow runs" in capsys.readouterr().out
+def test_report_page_and_metrics(project):
+    assert "3 stages, 3 linked to their MLflow runs" in project.report_out
     page = (project.root / "reports/index.html").read_text()
     for data in (png(60), png(61), png(7)):  # every image, embedded
         assert b64_of(data) in page
@@ -242,17 +258,14 @@ def test_report_page_and_metrics(project, monkeypatch, capsys):
     assert all(r["matched_metrics"] for r in everything["mlflow_runs"].values())
     assert everything["params"]["vae"]["decoder_kernel"] == 3
     assert (project.root / "reports/fid.tsv").read_text() == "sampler\tfid\tkid\nsample: ddpm\t100\t0.1\nsample: ddim\t120\t0.12\n"
+    mlflow.set_tracking_uri(project.uri)
     runs = mlflow.search_runs(experiment_names=["diffmodels"], filter_string="tags.stage = 'report'", output_format="list")
     assert len(runs) == 1 and runs[0].data.metrics["fid.sample.ddim"] == 120.0
 
 
-def test_compare_page_takes_files_from_workspace_and_mlflow(project, monkeypatch):
-    monkeypatch.chdir(project.root)
-    rows = exp_show_rows(project.base, project.base, {"k7": project.k7})
-    workspace, exps, skipped = compare.parse_exp_show(rows)
-    stages = report.read_pipeline(project.root / "dvc.yaml")
-    files = compare.Files(project.root, stages, workspace, project.uri, report.stage_runs("diffmodels", project.uri))
-    page = compare.render_compare(exps, stages, files, skipped, project.uri)
+def test_compare_page_takes_files_from_workspace_and_mlflow(project):
+    page = (project.root / "reports/compare.html").read_text()
+    exps = project.exps
     main, k7 = exps
     assert main.local == {"train_vae", "sample", "eval_leakage"} and k7.local == set()
     assert all(ref.matched for ref in k7.runs.values()) and k7.runs["sample"].tags["dvc_exp_name"] == "k7"
@@ -270,15 +283,7 @@ def test_compare_page_takes_files_from_workspace_and_mlflow(project, monkeypatch
 
 
 @pytest.mark.skipif(browser.unavailable() is not None, reason=f"browser check: {browser.unavailable()}")
-def test_pages_render_in_chromium(project, monkeypatch, tmp_path):
-    from stages import report as report_stage
-
-    monkeypatch.chdir(project.root)
-    report_stage.main([])
-    workspace, exps, skipped = compare.parse_exp_show(exp_show_rows(project.base, project.base, {"k7": project.k7}))
-    stages = report.read_pipeline(project.root / "dvc.yaml")
-    files = compare.Files(project.root, stages, workspace, project.uri, report.stage_runs("diffmodels", project.uri))
-    (project.root / "reports/compare.html").write_text(compare.render_compare(exps, stages, files, skipped, project.uri))
+def test_pages_render_in_chromium(project, tmp_path):
     for name in ("index", "compare"):
         check = browser.check_page(project.root / f"reports/{name}.html", tmp_path / f"{name}.png")
         assert check.images and not check.broken_images, check.broken_images
@@ -286,7 +291,15 @@ def test_pages_render_in_chromium(project, monkeypatch, tmp_path):
         assert Image.open(tmp_path / f"{name}.png").size[0] == 1400
 
 
-def test_offline_plots_template(tmp_path):
+@pytest.fixture(scope="module")
+def offline_template(tmp_path_factory):
+    pytest.importorskip("vl_convert")
+    from diffmodels import vega_offline
+
+    return vega_offline.build_template(tmp_path_factory.mktemp("vega") / "t.html")
+
+
+def test_offline_plots_template(offline_template):
     from diffmodels import vega_offline
 
     page = vega_offline.render_template("var x = '</script>';", {"vega": "6", "vega_lite": "5.21", "vega_embed": "7",
@@ -295,27 +308,28 @@ def test_offline_plots_template(tmp_path):
     assert "<\\/script>" in page and "cdn" not in page
     with pytest.raises(DiffmodelsError, match="placeholder"):
         vega_offline.render_template("'{plot_divs}'", {})
-    pytest.importorskip("vl_convert")
-    path = vega_offline.build_template(tmp_path / "t.html")
-    text = path.read_text()
+    text = offline_template.read_text()
     assert len(text) > 300_000 and "window.vegaEmbed" in text and "{plot_divs}" in text
-    stamp = path.stat().st_mtime_ns
-    assert vega_offline.build_template(path).stat().st_mtime_ns == stamp  # cached while the version holds
+    stamp = offline_template.stat().st_mtime_ns
+    assert vega_offline.build_template(offline_template).stat().st_mtime_ns == stamp  # cached while the version holds
 
 
 @pytest.mark.skipif(browser.unavailable() is not None, reason=f"browser check: {browser.unavailable()}")
-def test_dvc_plots_render_offline(tmp_path):
+def test_dvc_plots_render_offline(offline_template, tmp_path):
     """`python -m stages.plots show` in a tiny DVC repo: the vega chart draws with no network."""
-    pytest.importorskip("vl_convert")
+    import os
     import subprocess
     import sys
+
+    from diffmodels import vega_offline
 
     repo = tmp_path / "repo"
     write(repo / "dvc.yaml", "plots:\n  - loss.tsv:\n      x: step\n      y: loss\n")
     write(repo / "loss.tsv", "step\tloss\n1\t1.0\n2\t0.5\n3\t0.25\n")
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    write(repo / vega_offline.DEFAULT_PATH, offline_template.read_bytes())  # built once per module
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "stages.plots", "show", "-o", "plots"], cwd=repo, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -323,5 +337,6 @@ def test_dvc_plots_render_offline(tmp_path):
     assert "cdn.jsdelivr" not in page.read_text()
     check = browser.check_page(page, tmp_path / "plots.png")
     assert not check.errors, check.errors
+    assert check.graphics >= 1  # vega-embed drew its chart
     drawn = np.asarray(Image.open(tmp_path / "plots.png").convert("L"))
     assert drawn.min() < 100  # dark pixels: axes and a line were drawn, not a blank page
