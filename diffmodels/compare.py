@@ -345,7 +345,7 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
                 continue
             got = [files.listing(e, s, plot) for e in exps]
             for rel in sorted({r for g in got for r in g if os.path.splitext(r)[1].lower() in hp.IMAGE_TYPES},
-                              key=_figure_order):
+                              key=report.figure_order):
                 cells = [g.get(rel) for g in got]
                 mime = hp.IMAGE_TYPES[os.path.splitext(rel)[1].lower()]
                 digests = {hashlib.sha256(c).hexdigest() for c in cells if c is not None}
@@ -374,8 +374,3 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
     subtitle = hp.esc(" vs ".join(names))
     return hp.page("diffmodels: experiment comparison", subtitle, "\n".join(sections), nav)
 
-
-def _figure_order(rel: str) -> tuple:
-    """Sample grids first, then the rest by name."""
-    name = os.path.basename(rel)
-    return (0 if "samples" in name else 1, rel)

@@ -280,13 +280,19 @@ def plot_title(plot: Plot) -> str:
     return plot.title or plot.name
 
 
+def figure_order(name: str) -> tuple:
+    """Sample grids first, then by name."""
+    return (0 if "samples" in os.path.basename(name) else 1, name)
+
+
 def image_files(root: Path, plot: Plot) -> list[Path]:
-    """The images of an image plot: the file, or the folder's images sorted by name."""
+    """The images of an image plot: the file, or the folder's images (sample grids first)."""
     files = []
     for rel in plot.files:
         path = root / rel
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in hp.IMAGE_TYPES)
+            files += sorted((p for p in path.rglob("*") if p.suffix.lower() in hp.IMAGE_TYPES),
+                            key=lambda p: figure_order(str(p)))
         elif path.is_file() and path.suffix.lower() in hp.IMAGE_TYPES:
             files.append(path)
     return files
