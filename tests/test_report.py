@@ -340,3 +340,15 @@ def test_dvc_plots_render_offline(offline_template, tmp_path):
     assert check.graphics >= 1  # vega-embed drew its chart
     drawn = np.asarray(Image.open(tmp_path / "plots.png").convert("L"))
     assert drawn.min() < 100  # dark pixels: axes and a line were drawn, not a blank page
+
+
+def test_compare_falls_back_to_mlflow_when_workspace_files_are_gone(project, tmp_path):
+    """A fresh clone has the metrics (git) but not the figures (DVC cache): MLflow has them."""
+    workspace, exps, _ = compare.parse_exp_show(exp_show_rows(project.base, project.base, {"k7": project.k7}))
+    stages = {s.name: s for s in report.read_pipeline(project.root / "dvc.yaml")}
+    files = compare.Files(tmp_path, list(stages.values()), workspace, project.uri, report.stage_runs("diffmodels", project.uri))
+    main = exps[0]
+    files.attach(main)
+    assert "train_vae" in main.local  # its metrics equal the workspace's ...
+    recon = next(p for p in stages["train_vae"].plots if p.is_image)
+    assert files.listing(main, stages["train_vae"], recon) == {"reconstructions.png": png(60)}  # ... files from MLflow
