@@ -357,10 +357,10 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
                 digests = {hashlib.sha256(c).hexdigest() for c in cells if c is not None}
                 if len(digests) == 1 and all(c is not None for c in cells) and len(exps) > 1:
                     rows_html.append(f"<h3>{hp.esc(rel)} <span class=\"badge\">the same in all</span></h3>"
-                                     + hp.img(cells[0], rel, mime))
+                                     + hp.scaled_img(cells[0], rel, mime))
                     continue
                 grid = "".join(
-                    f'<div class="cell">{hp.img(c, f"{e.name}: {rel}", mime) if c is not None else "<span class=muted>not available</span>"}'
+                    f'<div class="cell">{hp.scaled_img(c, f"{e.name}: {rel}", mime, 160) if c is not None else "<span class=muted>not available</span>"}'
                     f"<div>{hp.chip(e.color)}{hp.esc(e.name)}</div></div>" for e, c in zip(exps, cells))
                 rows_html.append(f"<h3>{hp.esc(rel)}</h3><div class=\"grid\" style=\"grid-template-columns: "
                                  f"repeat({len(exps)}, minmax(0, 1fr))\">{grid}</div>")

@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (no pyplot: no global figure state)
+from PIL import Image  # noqa: E402
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                ".svg": "image/svg+xml", ".webp": "image/webp"}
@@ -84,7 +85,7 @@ def fmt(value: object) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
+        if value == 0 or 1e-5 <= abs(value) < 1e5:
             return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.1f}"
         return f"{value:.3e}"
     if isinstance(value, (list, tuple)):
@@ -102,8 +103,26 @@ def img(data: bytes, alt: str, mime: str = "image/png", css: str = "", width: in
     return f'<img src="{data_uri(data, mime)}" alt="{esc(alt)}"{klass}{style}>'
 
 
-def figure(data: bytes, caption: str, mime: str = "image/png", css: str = "") -> str:
-    return f"<figure>{img(data, caption, mime, css)}<figcaption>{esc(caption)}</figcaption></figure>"
+def upscaled(data: bytes, mime: str, min_width: int = 240) -> int | None:
+    """A display width for tiny images (toy runs, 16 px previews): an integer multiple >= min_width."""
+    if mime not in ("image/png", "image/jpeg", "image/gif", "image/webp"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w = im.size[0]
+    except OSError:  # not decodable here: the browser shows it as it is
+        return None
+    return w * math.ceil(min_width / w) if 0 < w < min_width else None
+
+
+def scaled_img(data: bytes, alt: str, mime: str = "image/png", min_width: int = 240) -> str:
+    width = upscaled(data, mime, min_width)
+    return img(data, alt, mime, "pixel" if width else "", width)
+
+
+def figure(data: bytes, caption: str, mime: str = "image/png", min_width: int = 240) -> str:
+    """An image with its caption; tiny images are scaled up, pixelated."""
+    return f"<figure>{scaled_img(data, caption, mime, min_width)}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[object]], left_cols: int = 1,

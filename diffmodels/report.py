@@ -224,6 +224,9 @@ def headlines(metrics_by_stage: Mapping[str, Mapping[str, Any]]) -> list[tuple[s
     return found
 
 
+SKIP_KEYS = ("status", "reason", "how_to", "converted", "message", "how")
+
+
 def skip_note(metrics: Mapping[str, Any]) -> str | None:
     """Stages that ran without their inputs (SD without weights) say so in their metrics."""
     if metrics.get("status") == "skipped" or metrics.get("converted") is False:
@@ -321,6 +324,7 @@ class RunRef:
     start_time: int
     tags: dict[str, str]
     matched: bool  # its logged metrics equal the stage's metrics.json
+    checked: bool = True  # there were numbers to match on (False: the newest run, unchecked)
 
 
 def _norm_metrics(flat: Mapping[str, Any]) -> dict[str, float]:
@@ -357,8 +361,9 @@ def pick_run(runs: Sequence[Any], metrics: Mapping[str, Any], exp_name: str | No
 
     best = max(runs, key=rank)
     matched = rank(best)[0]
+    checked = bool(_norm_metrics(flatten_metrics(metrics or {})))
     return RunRef(best.info.run_id, best.info.experiment_id, best.info.artifact_uri, best.info.start_time or 0,
-                  dict(best.data.tags), matched)
+                  dict(best.data.tags), matched, checked)
 
 
 def stage_runs(experiment: str, tracking_uri: str) -> dict[str, list[Any]]:
@@ -395,7 +400,8 @@ def run_link(ref: RunRef | None, tracking_uri: str) -> str:
     if ref.tags.get("dvc_exp_name"):
         parts.append(f"experiment {hp.esc(ref.tags['dvc_exp_name'])}")
     if not ref.matched:
-        parts.append('<span class="muted">(newest run; its metrics differ from these)</span>')
+        parts.append('<span class="muted">(newest run of this stage'
+                     + ("; its metrics differ from these)" if ref.checked else ")") + "</span>")
     return " &middot; ".join(parts)
 
 
@@ -449,13 +455,41 @@ def _params_html(params: Mapping[str, Any]) -> str:
     return '<div class="kv">' + "".join(blocks) + "</div>"
 
 
+def text_with_tables(text: str) -> str:
+    """Plain text as <pre>, with its Markdown tables (``| a | b |`` lines) as HTML tables."""
+    out, plain, rows = [], [], []
+
+    def flush_plain():
+        if plain and any(line.strip() for line in plain):
+            out.append(f"<pre>{hp.esc(chr(10).join(plain).strip(chr(10)))}</pre>")
+        plain.clear()
+
+    def flush_rows():
+        cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows
+                 if not set(r.replace("|", "").strip()) <= set("-: ")]
+        if cells:
+            out.append(hp.table(cells[0], cells[1:]))
+        rows.clear()
+
+    for line in text.splitlines():
+        if line.lstrip().startswith("|"):
+            flush_plain()
+            rows.append(line)
+        else:
+            flush_rows()
+            plain.append(line)
+    flush_rows()
+    flush_plain()
+    return "\n".join(out)
+
+
 def _bench_html(bench_dir: Path) -> str:
     parts = []
     files = sorted(bench_dir.iterdir()) if bench_dir.is_dir() else []
     stems_with_text = {f.stem for f in files if f.suffix == ".txt"}
     for f in files:
         if f.suffix == ".txt":
-            parts.append(f"<h3>{hp.esc(f.name)}</h3><pre>{hp.esc(f.read_text(errors='replace'))}</pre>")
+            parts.append(f"<h3>{hp.esc(f.name)}</h3>{text_with_tables(f.read_text(errors='replace'))}")
         elif f.suffix.lower() in hp.IMAGE_TYPES:
             parts.append(hp.figure(f.read_bytes(), f.name, hp.IMAGE_TYPES[f.suffix.lower()]))
         elif f.suffix == ".json" and f.stem not in stems_with_text:
@@ -471,6 +505,7 @@ def stage_section(inputs: ReportInputs, stage: Stage) -> str:
     note = skip_note(metrics)
     if note:
         body.append(note)
+        metrics = {k: v for k, v in metrics.items() if k not in SKIP_KEYS}
     if metrics:
         body.append(metric_tables(metrics))
     elif stage.metrics:
