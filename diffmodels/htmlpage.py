@@ -55,7 +55,7 @@ td.l, th.l { text-align: left; }
 td.text { text-align: left; max-width: 60em; white-space: pre-wrap; }
 td.best { background: var(--best); font-weight: 600; }
 .kv { columns: 3 22em; column-gap: 24px; }
-.kv table { width: 100%; break-inside: avoid; }
+.kv table, .kv > div { width: 100%; break-inside: avoid; }
 figure { display: inline-block; margin: 6px 14px 10px 0; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid var(--line); background: #fff; }
 figcaption { font-size: 12px; color: var(--muted); }
