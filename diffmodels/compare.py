@@ -335,6 +335,9 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
                          for e in exps if column in per_exp[e.name]]
                 if not lines:
                     continue
+                if len(lines) == len(exps) > 1 and all((list(l.x), list(l.y)) == (list(lines[0].x), list(lines[0].y))
+                                                       for l in lines):
+                    lines = [hp.Series(f"all {len(exps)} (identical)", lines[0].x, lines[0].y, color="#475569")]
                 x_name = next(per_exp[e.name][column][0] for e in exps if column in per_exp[e.name])
                 title = report.plot_title(plot) + ("" if len(columns) == 1 else f" - {column}")
                 charts.append(hp.figure(hp.line_chart(lines, title, x_name, column), f"{s.name}: {title}"))
