@@ -278,6 +278,7 @@ def stage_run(stage: str, params: Params, groups: Iterable[str]) -> Iterator[Any
     """
     import mlflow
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     for noisy in ("alembic", "mlflow.store.db.utils"):  # schema-creation chatter on a new store
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -289,7 +290,7 @@ def stage_run(stage: str, params: Params, groups: Iterable[str]) -> Iterator[Any
         _open_store(uri)
         experiment_id = _experiment_id(params.tracking.experiment, uri, root)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags(stage, root))
-    except (MlflowException, OSError) as exc:
+    except (MlflowException, SQLAlchemyError, OSError) as exc:  # SQLAlchemyError: e.g. "file is not a database"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"cannot open an MLflow run in {uri}: {first}") from None
     with run:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -68,6 +69,20 @@ def tiny_workdir(root: Path, ddpm: dict | None = None) -> Path:
         "schedule": {"kind": p.schedule, "num_steps": p.num_steps, "beta_start": p.beta_start, "beta_end": p.beta_end},
     })
     return root
+
+
+def shared_store(tmp_path_factory) -> Iterator[str]:
+    """Body of a module-scoped fixture: one sqlite store for a test module, since each new store
+    costs seconds of MLflow schema migrations. DVC's environment is cleared so nothing leaks in."""
+    import pytest
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "DIFFMODELS_PIPELINE_ID"):
+        mp.delenv(var, raising=False)
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    mp.undo()
 
 
 def ddpm_args(work: Path, out: Path, params: Path | None = None) -> list[str]:

@@ -25,7 +25,7 @@ from diffmodels.checkpoint import load_checkpoint, save_checkpoint
 from diffmodels.errors import CheckpointError, TrackingError
 from stages import train_ddpm, train_vae
 from tests.conftest import single_thread
-from tests.fault_support import ddpm_args, stage_command, stage_env, tiny_workdir
+from tests.fault_support import ddpm_args, shared_store, stage_command, stage_env, tiny_workdir
 from tests.vae_support import ROOT, tiny_params, tiny_prepared
 
 CKPT = "ckpt/last.safetensors"
@@ -33,14 +33,7 @@ CKPT = "ckpt/last.safetensors"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One sqlite store for the module (a new store costs seconds of schema migrations)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "DIFFMODELS_PIPELINE_ID"):
-        mp.delenv(var, raising=False)
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    yield uri
-    mp.undo()
+    yield from shared_store(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
