@@ -1,8 +1,9 @@
 """Clean stops: Ctrl-C (SIGINT) and SIGTERM end a stage with a checkpoint and a KILLED MLflow run.
 
 Who sends what
-    Ctrl-C in a terminal sends SIGINT; ``kill``, ``timeout``, batch schedulers (Slurm on
-    pre-emption) and container runtimes send SIGTERM, then SIGKILL after a grace period.
+    Ctrl-C in a terminal and ``dvc queue kill`` send SIGINT; ``kill``, ``timeout``, batch
+    schedulers (Slurm on pre-emption) and container runtimes send SIGTERM, then SIGKILL after a
+    grace period.
     SIGKILL cannot be caught: atomic checkpoint writes (:mod:`diffmodels.io`) and resume
     (:func:`diffmodels.train.resume`) cover it.
 
