@@ -27,6 +27,7 @@ from diffmodels.config import flatten, load_params
 from diffmodels.data import load_split
 from diffmodels.errors import DataError
 from diffmodels.images import make_grid, save_png
+from diffmodels.interrupt import StopAtStepEnd
 from diffmodels.io import write_json, write_text
 from diffmodels.latents import reconstruction_metrics
 from diffmodels.train import (
@@ -73,6 +74,8 @@ def run(args) -> None:
         raise DataError(f"{manifest_path}: prepared data missing; run `dvc repro prepare`")
     train, val = load_split(args.prepared, "train"), load_split(args.prepared, "val")
     images = torch.from_numpy(np.array(train.images))  # (N, H, W, C) uint8, copied into memory
+    if p.batch_size > len(images):
+        raise DataError(f"vae.batch_size {p.batch_size} is larger than the training set ({len(images)} images)")
     val_images = np.asarray(val.images)
     grid_images = val_images[: p.grid_images]
 
@@ -100,7 +103,12 @@ def run(args) -> None:
     history: list[list[float]] = state.extra["history"]
     val_history: list[list[float]] = state.extra.setdefault("val_history", [])  # (step, psnr, ssim)
 
-    with tracking.stage_run("train_vae", params, GROUPS):
+    def checkpoint() -> str:
+        state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
+        return f"at step {state.step}: checkpoint saved to {ckpt_path}; rerun the stage to resume"
+
+    stop = StopAtStepEnd(checkpoint)  # Ctrl-C / SIGTERM: save at the end of the step, then stop
+    with tracking.stage_run("train_vae", params, GROUPS), stop:
         mlflow.set_tags({"resumed_from_step": start_step, "device": str(device), "precision": precision.name})
         mlflow.log_params({"vae.num_parameters": num_parameters(model), "vae.decoder_halo_px": model.decoder.halo})
         bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="train_vae", unit="step", mininterval=1.0)
@@ -128,12 +136,14 @@ def run(args) -> None:
                 val_history.append([state.step, val_metrics["psnr"], val_metrics["ssim"]])
                 log_grid(model, grid_images, device, f"reconstructions/step_{state.step:06d}.png", params.tracking.log_images)
             if state.step % p.checkpoint_every == 0 or state.step == args.stop_after:
-                state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
+                checkpoint()
             if args.stop_after is not None and state.step >= args.stop_after:
                 bar.close()
                 print(f"train_vae: stopped after step {state.step} as asked; rerun to resume")
                 return
+            stop.step_done()
         bar.close()
+        stop.loop_done()
 
         # 5. final validation on the whole val split, through the same path cache_latents uses
         final = reconstruction_metrics(model, val_images, params.latents.batch_size, device)
