@@ -37,12 +37,24 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    """Atomically write ``tensors`` and the JSON-serialisable ``meta`` to ``path``."""
+    """Atomically write ``tensors`` and the JSON-serialisable ``meta`` to ``path``.
+
+    A failed write (disk full, file size limit, permissions) is a one-line :class:`CheckpointError`
+    and leaves the previous file at ``path``, if any, untouched.
+    """
     # clone(): safetensors refuses tensors that share storage (tied weights, views).
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     header = {"format": FORMAT, "meta": json.dumps(meta, allow_nan=False)}
-    with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=header)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(flat, str(tmp), metadata=header)
+    except (SafetensorError, OSError) as exc:
+        # safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
+        reason = getattr(exc, "strerror", None) or str(exc).removeprefix("Error while serializing: ")
+        raise CheckpointError(
+            f"{path}: cannot write ({reason}); the previous file, if any, is unchanged. "
+            "Free disk space or fix permissions, then rerun"
+        ) from None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:

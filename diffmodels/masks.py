@@ -158,7 +158,11 @@ def load_mask_set(mask_dir: str | Path, name: str, size: int | None = None) -> n
         raise DataError(f"{folder}: no mask PNGs (run `dvc repro prepare`, or check data.mask_sets)")
     masks = []
     for path in files:
-        arr = np.asarray(Image.open(path).convert("L"))
+        try:
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert("L"))
+        except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+            raise DataError(f"{path}: not a readable PNG mask ({exc}); rerun `dvc repro prepare`") from None
         if size is not None and arr.shape != (size, size):
             raise DataError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]}, images are {size}x{size}")
         if not np.isin(arr, (0, 255)).all():

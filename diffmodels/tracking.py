@@ -16,19 +16,34 @@ Tags on every run
 
 Params are logged flat with the dotted names of params.yaml (``data.resolution``). A store
 that cannot be reached is a :class:`~diffmodels.errors.TrackingError`, never a silent skip.
+A run stopped by Ctrl-C or SIGTERM is marked KILLED, by any other exception FAILED.
+
+Concurrent writers (``dvc queue start -j 2``, several shells)
+    Several processes share one sqlite store. Two things go wrong without care, both measured
+    here with 4 processes logging to a fresh store at once: (1) MLflow creates a new store's
+    schema (``create_all`` + alembic migrations) without a lock, so the processes race and 3 of
+    4 died with "table alembic_version already exists" / "duplicate column name: step"; the
+    first store access is therefore serialised by an exclusive ``flock`` on ``<db>.lock``.
+    (2) sqlite allows one writer at a time; MLflow sets ``PRAGMA busy_timeout = 20000`` on
+    every session, and writes that still fail with "database is locked" (a lock held longer,
+    or sqlite's deadlock avoidance, which returns at once) are retried with exponential
+    backoff by wrapping the store's write methods (:func:`retry_when_locked`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
+import random
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +52,11 @@ from diffmodels.errors import TrackingError
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+# Store methods that write to the database; each is retried while sqlite reports a lock.
+STORE_WRITES = (
+    "create_experiment", "create_run", "update_run_info", "log_batch", "log_metric", "log_param",
+    "set_tag", "delete_tag", "set_experiment_tag", "log_inputs", "log_outputs", "record_logged_model",
+)
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -173,15 +193,92 @@ def _experiment_id(name: str, uri: str, root: Path) -> str:
         return experiment.experiment_id
 
 
+def retry_when_locked(fn: Callable, attempts: int = 8, first_wait_s: float = 0.25,
+                      sleep: Callable[[float], None] = time.sleep) -> Callable:
+    """``fn`` retried with exponential backoff (0.25 s doubling, +-50 % jitter: about 60 s over
+    8 attempts, on top of sqlite's own 20 s busy wait per attempt) while MLflow reports
+    "database is locked"; then a one-line :class:`TrackingError`. Other errors pass through."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError  # raised unwrapped while MLflow opens a store
+
+    jitter = random.Random()  # private: the global RNG may be seeded by the caller
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except (MlflowException, OperationalError) as exc:
+                if "database is locked" not in str(exc):
+                    raise
+                if attempt == attempts - 1:
+                    raise TrackingError(
+                        f"MLflow store still locked after {attempts} attempts ({getattr(fn, '__name__', 'write')}); "
+                        "another process holds the sqlite database: retry, or use an MLflow server for many writers"
+                    ) from None
+                sleep(first_wait_s * 2**attempt * jitter.uniform(0.5, 1.5))
+
+    wrapper.retries_locked = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+class _LockedNoise(logging.Filter):
+    """MLflow logs every "database is locked" with a traceback before raising it; those are
+    retried (and reported in one line when retries run out), so the traceback is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "database is locked" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """Exclusive lock on ``<db>.lock`` beside a sqlite store (see "Concurrent writers")."""
+    if not uri.startswith("sqlite:///") or os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _open_store(uri: str) -> None:
+    """Create (or open) the tracking store once per process, schema creation under the lock,
+    and make its writes retry on "database is locked"."""
+    from mlflow import MlflowClient
+
+    def open_locked():
+        with _store_init_lock(uri):
+            # MLflow caches one store object per URI; every fluent call (mlflow.log_metrics ...) uses it.
+            return MlflowClient(tracking_uri=uri)._tracking_client.store
+
+    store = retry_when_locked(open_locked)() if uri.startswith("sqlite:") else open_locked()
+    if uri.startswith("sqlite:"):
+        db_logger = logging.getLogger("mlflow.store.db.utils")
+        if not any(isinstance(f, _LockedNoise) for f in db_logger.filters):
+            db_logger.addFilter(_LockedNoise())
+        for name in STORE_WRITES:
+            method = getattr(store, name, None)
+            if method is not None and not getattr(method, "retries_locked", False):
+                setattr(store, name, retry_when_locked(method))
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, groups: Iterable[str]) -> Iterator[Any]:
     """Open the MLflow run of one stage execution, log its tags and params, and yield it.
 
     Inside the block use ``mlflow.log_metrics(..., step=)`` and ``mlflow.log_artifact``; an
-    exception marks the run FAILED (MLflow's own context manager) and propagates.
+    exception marks the run FAILED (MLflow's own context manager), Ctrl-C or SIGTERM KILLED, and
+    propagates.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     for noisy in ("alembic", "mlflow.store.db.utils"):  # schema-creation chatter on a new store
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -190,11 +287,18 @@ def stage_run(stage: str, params: Params, groups: Iterable[str]) -> Iterator[Any
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
+        _open_store(uri)
         experiment_id = _experiment_id(params.tracking.experiment, uri, root)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags(stage, root))
-    except (MlflowException, OSError) as exc:
+    except (MlflowException, SQLAlchemyError, OSError) as exc:  # SQLAlchemyError: e.g. "file is not a database"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"cannot open an MLflow run in {uri}: {first}") from None
     with run:
         mlflow.log_params(flatten(params, groups))
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (diffmodels.interrupt)
+            with contextlib.suppress(MlflowException, TrackingError):
+                mlflow.set_tag("interrupted", str(exc) or "KeyboardInterrupt")
+                mlflow.end_run("KILLED")  # ActiveRun.__exit__ then leaves the status alone
+            raise

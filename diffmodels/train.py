@@ -269,6 +269,10 @@ def resume(state: TrainState, path: str | Path, fingerprint: str) -> str:
     load midway is a :class:`CheckpointError` (``state`` may be half-restored).
     """
     path = Path(path)
+    # A save killed mid-write (SIGKILL, power loss) leaves its temporary file (diffmodels.io
+    # names it ".<name>.<random>.tmp"), never a half-written checkpoint; clear it away.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     if not path.exists():
         return "no checkpoint: starting from step 0"
     try:

@@ -8,25 +8,29 @@ import sys
 from collections.abc import Callable, Sequence
 
 from diffmodels.errors import DiffmodelsError
+from diffmodels.interrupt import signals_raise
 
 
 def stage_main(fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> Callable:
     """Wrap a stage: parse arguments, turn user errors into one line on stderr and exit code 2.
 
-    Bugs (any other exception) keep their traceback; Ctrl-C exits 130.
+    Bugs (any other exception) keep their traceback. Ctrl-C and SIGTERM print one line and exit
+    128 + the signal number (130, 143); training stages save a checkpoint first
+    (:mod:`diffmodels.interrupt`) and the MLflow run is marked KILLED.
     """
 
     @functools.wraps(fn)
     def main(argv: Sequence[str] | None = None) -> None:
         args = parser.parse_args(argv)
         try:
-            fn(args)
+            with signals_raise():
+                fn(args)
         except DiffmodelsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            print(str(exc) or "interrupted", file=sys.stderr)
+            sys.exit(getattr(exc, "exit_code", 130))
 
     return main
 

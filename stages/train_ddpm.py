@@ -31,6 +31,7 @@ from diffmodels.config import flatten, load_params
 from diffmodels.ddpm import EMA, diffusion_loss, save_denoiser
 from diffmodels.errors import DataError
 from diffmodels.images import make_grid, save_png
+from diffmodels.interrupt import StopAtStepEnd
 from diffmodels.io import write_json, write_text
 from diffmodels.samplers import classifier_free_guidance, ddim_steps, run as run_sampler
 from diffmodels.schedule import NoiseSchedule
@@ -147,7 +148,12 @@ def run(args) -> None:
             save_png(path, make_grid(images, ncol=len(images)))
             mlflow.log_artifact(str(path), artifact_path="samples")
 
-    with tracking.stage_run("train_ddpm", params, GROUPS):
+    def checkpoint() -> str:
+        state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
+        return f"at step {state.step}: checkpoint saved to {ckpt_path}; rerun the stage to resume"
+
+    stop = StopAtStepEnd(checkpoint)  # Ctrl-C / SIGTERM: save at the end of the step, then stop
+    with tracking.stage_run("train_ddpm", params, GROUPS), stop:
         mlflow.set_tags({"resumed_from_step": start_step, "device": str(device), "precision": precision.name})
         mlflow.log_params({"ddpm.num_parameters": num_params, "ddpm.num_classes": num_classes})
         bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="train_ddpm",
@@ -180,12 +186,14 @@ def run(args) -> None:
             if state.step % p.sample_every == 0 and state.step < p.steps:
                 log_samples(state.step)
             if state.step % p.checkpoint_every == 0 or state.step == args.stop_after:
-                state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
+                checkpoint()
             if args.stop_after is not None and state.step >= args.stop_after:
                 bar.close()
                 print(f"train_ddpm: stopped after step {state.step} as asked; rerun to resume")
                 return
+            stop.step_done()
         bar.close()
+        stop.loop_done()
         steps_run = p.steps - loop_start_step
         steps_per_s = steps_run / max(time.perf_counter() - loop_started, 1e-9)
 

@@ -27,6 +27,7 @@ from diffmodels.config import flatten, load_params
 from diffmodels.data import load_split
 from diffmodels.errors import DataError
 from diffmodels.images import make_grid, save_png
+from diffmodels.interrupt import StopAtStepEnd
 from diffmodels.io import write_json, write_text
 from diffmodels.latents import reconstruction_metrics
 from diffmodels.train import (
@@ -73,6 +74,8 @@ def run(args) -> None:
         raise DataError(f"{manifest_path}: prepared data missing; run `dvc repro prepare`")
     train, val = load_split(args.prepared, "train"), load_split(args.prepared, "val")
     images = torch.from_numpy(np.array(train.images))  # (N, H, W, C) uint8, copied into memory
+    if p.batch_size > len(images):
+        raise DataError(f"vae.batch_size {p.batch_size} is larger than the training set ({len(images)} images)")
     val_images = np.asarray(val.images)
     grid_images = val_images[: p.grid_images]
 
@@ -86,7 +89,7 @@ def run(args) -> None:
         sampler=EpochSampler(len(images), p.batch_size, seed),
         generator=torch.Generator(device).manual_seed(seed),
         scaler=precision.scaler,
-        extra={"history": []},
+        extra={"history": [], "val_history": []},
     )
     inputs = {
         "params": flatten(params, GROUPS),
@@ -98,8 +101,14 @@ def run(args) -> None:
     print(f"train_vae: {resume(state, ckpt_path, fingerprint(inputs))}")
     start_step = state.step
     history: list[list[float]] = state.extra["history"]
+    val_history: list[list[float]] = state.extra.setdefault("val_history", [])  # (step, psnr, ssim)
 
-    with tracking.stage_run("train_vae", params, GROUPS):
+    def checkpoint() -> str:
+        state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
+        return f"at step {state.step}: checkpoint saved to {ckpt_path}; rerun the stage to resume"
+
+    stop = StopAtStepEnd(checkpoint)  # Ctrl-C / SIGTERM: save at the end of the step, then stop
+    with tracking.stage_run("train_vae", params, GROUPS), stop:
         mlflow.set_tags({"resumed_from_step": start_step, "device": str(device), "precision": precision.name})
         mlflow.log_params({"vae.num_parameters": num_parameters(model), "vae.decoder_halo_px": model.decoder.halo})
         bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="train_vae", unit="step", mininterval=1.0)
@@ -124,18 +133,22 @@ def run(args) -> None:
             if state.step % p.val_every == 0 and state.step < p.steps:
                 val_metrics = reconstruction_metrics(model, val_images[: p.num_val_images], params.latents.batch_size, device)
                 mlflow.log_metrics({f"val_{k}": v for k, v in val_metrics.items()}, step=state.step)
+                val_history.append([state.step, val_metrics["psnr"], val_metrics["ssim"]])
                 log_grid(model, grid_images, device, f"reconstructions/step_{state.step:06d}.png", params.tracking.log_images)
             if state.step % p.checkpoint_every == 0 or state.step == args.stop_after:
-                state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
+                checkpoint()
             if args.stop_after is not None and state.step >= args.stop_after:
                 bar.close()
                 print(f"train_vae: stopped after step {state.step} as asked; rerun to resume")
                 return
+            stop.step_done()
         bar.close()
+        stop.loop_done()
 
         # 5. final validation on the whole val split, through the same path cache_latents uses
         final = reconstruction_metrics(model, val_images, params.latents.batch_size, device)
         mlflow.log_metrics({f"val_{k}": v for k, v in final.items()}, step=p.steps)
+        val_history.append([p.steps, final["psnr"], final["ssim"]])
         tail = np.asarray(history[-min(50, len(history)):])
         metrics = {
             "val_psnr": round(final["psnr"], 4),
@@ -157,9 +170,11 @@ def run(args) -> None:
         save_vae(args.out, model, {"step": p.steps, "val_psnr": final["psnr"], "val_ssim": final["ssim"], "seed": seed})
         lines = ["\t".join(LOSS_COLUMNS)] + ["\t".join([str(int(r[0]))] + [f"{v:.6g}" for v in r[1:]]) for r in history]
         write_text(args.reports / "loss.tsv", "\n".join(lines) + "\n")
+        val_lines = ["step\tval_psnr\tval_ssim"] + [f"{int(s)}\t{psnr:.6g}\t{ssim:.6g}" for s, psnr, ssim in val_history]
+        write_text(args.reports / "val.tsv", "\n".join(val_lines) + "\n")
         save_png(args.reports / "reconstructions.png", recon_grid(model, grid_images, device))
         write_json(args.reports / "metrics.json", metrics)
-        for path in (args.reports / "metrics.json", args.reports / "loss.tsv"):
+        for path in (args.reports / "metrics.json", args.reports / "loss.tsv", args.reports / "val.tsv"):
             mlflow.log_artifact(str(path))
         if params.tracking.log_images:
             mlflow.log_artifact(str(args.reports / "reconstructions.png"))

@@ -73,7 +73,7 @@ TINY = {
     "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2},
 }
 STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample", "eval_leakage", "eval_inpaint",
-          "convert_sd", "sd_baselines")
+          "convert_sd", "sd_baselines", "report")
 
 
 def ran(output: str) -> set[str]:
@@ -101,6 +101,9 @@ def test_repro_then_nothing_reruns(project):
     assert metrics["fid/repaint"] > 0
     assert 0 <= metrics["clamp_mean/centre_aligned/ssim_image"] <= 1
     assert (project / "reports/eval_inpaint/panels/sdedit.png").exists()
+    everything = json.loads((project / "reports/metrics.json").read_text())
+    assert everything["stages"]["eval_inpaint"] == metrics and everything["params"]["data"]["resolution"] == 16
+    assert all(everything["mlflow_runs"][s]["matched_metrics"] for s in ("prepare", "sample", "eval_inpaint"))
     run = logged["prepare"]
     assert run.data.params["data.resolution"] == "16"
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
@@ -121,9 +124,9 @@ def experiment(root, name: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize(("override", "reruns"), [
-    ("sample.ddim_steps=3", {"sample"}),
-    ("ddpm.batch_size=4", {"train_ddpm", "sample", "eval_inpaint"}),
-    ("ddpm.mixer=attention", {"train_ddpm", "sample", "eval_inpaint"}),
+    ("sample.ddim_steps=3", {"sample", "report"}),
+    ("ddpm.batch_size=4", {"train_ddpm", "sample", "eval_inpaint", "report"}),
+    ("ddpm.mixer=attention", {"train_ddpm", "sample", "eval_inpaint", "report"}),
 ])
 def test_experiment_reruns_only_downstream_and_shows_in_exp_show(project, override, reruns):
     name = override.split(".")[1].replace("=", "-").replace("_", "")
@@ -181,3 +184,24 @@ def test_queued_experiment_records_into_the_main_store(project):
     params, metrics = experiment(project, "res32")
     assert params["data"]["resolution"] == 32 and metrics["fid_ddim"] > 0
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside the temporary copy"
+
+
+def test_compare_and_pages_in_a_browser(project, tmp_path):
+    """After the experiments above: one comparison page with every finished experiment side by side,
+    and both pages whole in headless Chromium (images loaded, no console errors)."""
+    out = sh(project, sys.executable, "-m", "stages.compare")
+    assert "compare: 6 experiments" in out.stdout, out.stdout
+    page = (project / "reports/compare.html").read_text()
+    for name in ("ddimsteps-3", "batchsize-4", "mixer-attention", "k7", "res32"):
+        assert f"{name}</div>" in page, name  # a column of images per experiment
+    assert "not available" not in page  # every experiment's images found (workspace or MLflow artifacts)
+    assert ">ddpm.mixer<" in page and ">sample.ddim_steps<" in page  # params that differ
+    from tests import browser
+
+    reason = browser.unavailable()
+    if reason:
+        pytest.skip(f"browser check: {reason}")
+    for name in ("index", "compare"):
+        check = browser.check_page(project / f"reports/{name}.html", tmp_path / f"{name}.png")
+        assert len(check.images) > 10 and not check.broken_images, check.broken_images
+        assert not check.errors, check.errors

@@ -34,6 +34,9 @@ def test_train_cache_resume_and_tracking(tmp_path, mlflow_store, capsys):
     loss_rows = (tmp_path / "a/reports/loss.tsv").read_text().splitlines()
     assert loss_rows[0].split("\t") == ["step", "loss", "recon", "kl", "lr", "grad_norm"] and len(loss_rows) == 13
     assert (tmp_path / "a/reports/reconstructions.png").stat().st_size > 0
+    val_rows = [r.split("\t") for r in (tmp_path / "a/reports/val.tsv").read_text().splitlines()]
+    assert val_rows[0] == ["step", "val_psnr", "val_ssim"] and [r[0] for r in val_rows[1:]] == ["6", "12"]
+    assert float(val_rows[-1][1]) == pytest.approx(metrics["val_psnr"], abs=1e-3)  # the final validation
     assert metrics["num_val_images"] == 12 and metrics["decoder_halo_px"] == 22
 
     # 2. killed after step 5 (a checkpoint is left), then resumed: the same weights
@@ -45,6 +48,7 @@ def test_train_cache_resume_and_tracking(tmp_path, mlflow_store, capsys):
     assert a.tensors.keys() == b.tensors.keys()
     assert max((a.tensors[k] - b.tensors[k]).abs().max().item() for k in a.tensors) <= 1e-6
     assert (tmp_path / "b/reports/loss.tsv").read_text() == (tmp_path / "a/reports/loss.tsv").read_text()
+    assert (tmp_path / "b/reports/val.tsv").read_text() == (tmp_path / "a/reports/val.tsv").read_text()
 
     # 3. the latent cache of run a
     cache_latents.main(["--params", str(params), "--prepared", str(tmp_path / "prepared"),
@@ -79,7 +83,7 @@ def test_train_cache_resume_and_tracking(tmp_path, mlflow_store, capsys):
     assert [m.step for m in client.get_metric_history(first.info.run_id, "val_psnr")] == [6, 12]
     assert first.data.params["vae.decoder_kernel"] == "3"
     artifacts = {a.path for a in client.list_artifacts(first.info.run_id)}
-    assert {"metrics.json", "loss.tsv", "reconstructions.png", "reconstructions"} <= artifacts
+    assert {"metrics.json", "loss.tsv", "val.tsv", "reconstructions.png", "reconstructions"} <= artifacts
 
 
 def test_changed_params_start_fresh(tmp_path, mlflow_store, capsys):

@@ -1,0 +1,385 @@
+"""Ablations side by side: DVC experiments -> one HTML page (``python -m stages.compare``).
+
+Sources
+    ``dvc exp show --json`` gives each experiment's params and metrics (per metrics file). Files
+    (loss curves, leakage profiles, sample grids) come from the workspace for the stages whose
+    metrics there equal the experiment's (the experiment *is* the workspace for that stage), and
+    otherwise from the MLflow run that produced them: the stage's finished run whose logged metrics
+    match (:func:`diffmodels.report.pick_run`), preferring runs tagged with the experiment's name
+    (``dvc_exp_name``), searching its child runs too (eval_inpaint logs panels per method).
+
+Page
+    1. params that differ, with headline metrics, best per column marked;
+    2. every numeric metric that differs, one row per metric, best marked;
+    3. data plots of ``dvc.yaml`` (loss, validation, leakage) overlaid, one line per experiment;
+    4. image plots side by side, one column per experiment (images equal in all shown once).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffmodels import htmlpage as hp
+from diffmodels import report
+from diffmodels.errors import DiffmodelsError
+
+NOT_FINISHED = ("queued", "running", "failed")
+
+
+@dataclass
+class Experiment:
+    name: str
+    rev: str
+    params: dict[str, Any]  # flat, dotted (params.yaml)
+    metrics: dict[str, dict]  # metrics file -> its content
+    kind: str = "experiment"  # baseline | experiment | workspace
+    color: str = ""
+    runs: dict[str, report.RunRef | None] = field(default_factory=dict)  # stage -> run
+    local: set[str] = field(default_factory=set)  # stages whose files in the workspace are this experiment's
+
+
+def _flat_params(data: Mapping) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for file, content in (data.get("params") or {}).items():
+        body = (content or {}).get("data") or {}
+        for key, value in report.flatten_metrics(body).items():
+            out[key.replace("/", ".")] = value
+    return out
+
+
+def _metrics(data: Mapping) -> dict[str, dict]:
+    return {path: content["data"] for path, content in (data.get("metrics") or {}).items()
+            if isinstance(content, Mapping) and isinstance(content.get("data"), Mapping)}
+
+
+def parse_exp_show(rows: Sequence[Mapping]) -> tuple[Experiment | None, list[Experiment], list[tuple[str, str]]]:
+    """(workspace, [baseline, its experiments...], skipped (name, why)) from ``dvc exp show --json``.
+
+    The baseline is the first commit row (``HEAD``); experiments that are queued, running, failed
+    or have no metrics are skipped with the reason.
+    """
+    workspace, chosen, skipped = None, [], []
+    for row in rows:
+        data = row.get("data") or {}
+        if row.get("rev") == "workspace":
+            workspace = Experiment("workspace", "workspace", _flat_params(data), _metrics(data), kind="workspace")
+            continue
+        if chosen:  # only the current baseline's experiments (dvc exp show lists HEAD first)
+            break
+        name = row.get("name") or str(row.get("rev", ""))[:7]
+        chosen.append(Experiment(name, row.get("rev", ""), _flat_params(data), _metrics(data), kind="baseline"))
+        for exp in row.get("experiments") or []:
+            revs = exp.get("revs") or []
+            rev = revs[0] if revs else {}
+            exp_name = exp.get("name") or rev.get("name") or str(rev.get("rev", ""))[:7]
+            state = ((exp.get("executor") or {}).get("state") or "").lower()
+            edata = rev.get("data") or {}
+            if state in NOT_FINISHED:
+                skipped.append((exp_name, state))
+            elif rev.get("error"):
+                skipped.append((exp_name, f"error: {rev['error'].get('msg', rev['error']) if isinstance(rev['error'], Mapping) else rev['error']}"))
+            elif not _metrics(edata):
+                skipped.append((exp_name, "no metrics"))
+            else:
+                chosen.append(Experiment(exp_name, rev.get("rev", ""), _flat_params(edata), _metrics(edata)))
+    return workspace, chosen, skipped
+
+
+def dvc_exp_show(root: Path) -> list[dict]:
+    """``dvc exp show --json`` in ``root`` (the current baseline and its experiments)."""
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DiffmodelsError(f"`dvc exp show --json` failed in {root}: {last}")
+    try:
+        return json.loads(result.stdout)
+    except json.JSONDecodeError:
+        raise DiffmodelsError(f"`dvc exp show --json` in {root} did not print JSON") from None
+
+
+def select(experiments: list[Experiment], names: Sequence[str]) -> list[Experiment]:
+    """The named experiments (by name, or a prefix of the rev) in the order given."""
+    if not names:
+        return experiments
+    out = []
+    for name in names:
+        hit = [e for e in experiments if e.name == name or (len(name) >= 4 and e.rev.startswith(name))]
+        if not hit:
+            known = ", ".join(e.name for e in experiments) or "none"
+            raise DiffmodelsError(f"no finished experiment named {name!r} in `dvc exp show` (have: {known})")
+        out.append(hit[0])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Which metric is better
+# ------------------------------------------------------------------------------------------------
+
+def direction(key: str) -> str | None:
+    """'max', 'min', 'one' (closest to 1 is best) or None (not a quality measure) for a metric key."""
+    k = key.lower()
+    tokens = set(re.split(r"[/._\-]", k))
+    if "per_second" in k or tokens & {"psnr", "ssim"}:
+        return "max"
+    if "seam" in tokens:
+        return "one"
+    if "std" in tokens:  # a spread, not a score (kid_std_ddpm)
+        return None
+    if tokens & {"fid", "kid", "loss", "leak", "mae", "seconds", "memory"}:
+        return "min"
+    return None
+
+
+def best_index(values: Sequence[Any], how: str | None) -> set[int]:
+    numbers = [(i, float(v)) for i, v in enumerate(values) if report.is_number(v)]
+    if how is None or len(numbers) < 2 or len({v for _, v in numbers}) < 2:
+        return set()
+    score = {"max": lambda v: -v, "min": lambda v: v, "one": lambda v: abs(v - 1.0)}[how]
+    top = min(score(v) for _, v in numbers)
+    return {i for i, v in numbers if score(v) == top}
+
+
+# ------------------------------------------------------------------------------------------------
+# Files of an experiment: workspace or MLflow artifacts
+# ------------------------------------------------------------------------------------------------
+
+class Files:
+    """Reads a stage's report files for one experiment (bytes by path relative to the stage's dir)."""
+
+    def __init__(self, root: Path, stages: Sequence[report.Stage], workspace: Experiment | None, tracking_uri: str,
+                 by_stage: Mapping[str, list[Any]]):
+        self.root, self.stages, self.uri = root, {s.name: s for s in stages}, tracking_uri
+        self.workspace, self.by_stage = workspace, by_stage
+        self._listing: dict[str, list[tuple[str, str]]] = {}
+        self._tmp = Path(tempfile.mkdtemp(prefix="diffmodels-compare-"))
+
+    def attach(self, exp: Experiment) -> None:
+        """Decide, per stage, where ``exp``'s files are: the workspace or an MLflow run."""
+        for stage in self.stages.values():
+            if stage.name == "report":
+                continue
+            mine = {m: exp.metrics.get(m) for m in stage.metrics}
+            if self.workspace and stage.metrics and all(
+                    v is not None and self.workspace.metrics.get(m) == v for m, v in mine.items()):
+                exp.local.add(stage.name)
+            merged = {k: v for content in mine.values() if content for k, v in content.items()}
+            exp.runs[stage.name] = report.pick_run(self.by_stage.get(stage.name, []), merged,
+                                                   exp.name if exp.kind == "experiment" else None)
+
+    def _artifacts(self, run_id: str) -> list[tuple[str, str]]:
+        """(artifact path, run id) of a run and its child runs, recursively listed once."""
+        if run_id in self._listing:
+            return self._listing[run_id]
+        import mlflow
+
+        client = mlflow.MlflowClient(self.uri)
+        out: list[tuple[str, str]] = []
+
+        def walk(rid: str, path: str | None) -> None:
+            for item in client.list_artifacts(rid, path):
+                if item.is_dir:
+                    walk(rid, item.path)
+                else:
+                    out.append((item.path, rid))
+
+        walk(run_id, None)
+        for child in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                        filter_string=f"tags.mlflow.parentRunId = '{run_id}'"):
+            walk(child.info.run_id, None)
+        self._listing[run_id] = out
+        return out
+
+    def _download(self, run_id: str, path: str) -> bytes | None:
+        import mlflow
+
+        try:
+            local = mlflow.MlflowClient(self.uri).download_artifacts(run_id, path, str(self._tmp))
+            return Path(local).read_bytes()
+        except Exception:  # a missing or unreadable artifact shows as "not available"
+            return None
+
+    def listing(self, exp: Experiment, stage: report.Stage, plot: report.Plot) -> dict[str, bytes | None]:
+        """{path relative to the stage's report dir: bytes} of the files of ``plot`` for ``exp``."""
+        base = stage.report_dir
+        rels = [os.path.relpath(f, base) for f in plot.files]
+        if stage.name in exp.local:
+            out = {}
+            for f in plot.files:
+                path = self.root / f
+                if path.is_dir():
+                    for p in sorted(path.rglob("*")):
+                        if p.is_file():
+                            out[str(p.relative_to(self.root / base))] = p.read_bytes()
+                elif path.is_file():
+                    out[os.path.relpath(f, base)] = path.read_bytes()
+            if out:
+                return out
+        ref = exp.runs.get(stage.name)
+        if ref is None:
+            return {}
+        # A run whose metrics differ is only trusted when it is the experiment's own or when the
+        # stage has no numbers to match on (e.g. sd_baselines' skip status).
+        numeric = any(report.is_number(v) for v in stage_metrics(exp, stage).values())
+        if not ref.matched and numeric and ref.tags.get("dvc_exp_name") != exp.name:
+            return {}
+        out = {}
+        for art, rid in self._artifacts(ref.run_id):
+            if any(art == r or art.startswith(r.rstrip("/") + "/") for r in rels):
+                out[art] = self._download(rid, art)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The page
+# ------------------------------------------------------------------------------------------------
+
+def differing(values: Sequence[Any]) -> bool:
+    return len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1
+
+
+def stage_metrics(exp: Experiment, stage: report.Stage) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for m in stage.metrics:
+        merged.update(report.flatten_metrics(exp.metrics.get(m) or {}))
+    return merged
+
+
+def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files: Files,
+                   skipped: Sequence[tuple[str, str]] = (), tracking_uri: str = "") -> str:
+    stages = [s for s in stages if s.name != "report"]
+    for i, e in enumerate(exps):
+        e.color = hp.PALETTE[i % len(hp.PALETTE)]
+        files.attach(e)
+    names = [e.name for e in exps]
+    head = [hp.Raw(f"{hp.chip(e.color)}{hp.esc(e.name)}") for e in exps]
+    sections, nav = [], []
+
+    # 1. params that differ + headline metrics
+    keys = sorted({k for e in exps for k in e.params})
+    diff_params = [k for k in keys if differing([e.params.get(k) for e in exps])]
+    per_stage = {s.name: [stage_metrics(e, s) for e in exps] for s in stages}
+    heads = []
+    for pattern, label in report.HEADLINES:
+        for s in stages:
+            hits = sorted({k for m in per_stage[s.name] for k, v in m.items()
+                           if fnmatch.fnmatchcase(k, pattern) and report.is_number(v)})
+            if hits:
+                heads += [(s.name, k) for k in hits if (s.name, k) not in heads]
+                break
+    header = ["experiment", *diff_params, *(k for _, k in heads)]
+    rows, best = [], set()
+    for i, e in enumerate(exps):
+        rows.append([head[i], *(e.params.get(k) for k in diff_params),
+                     *(per_stage[s][i].get(k) for s, k in heads)])
+    for j, (s, k) in enumerate(heads):
+        for i in best_index([per_stage[s][r].get(k) for r in range(len(exps))], direction(k)):
+            best.add((i, 1 + len(diff_params) + j))
+    kinds = ", ".join(f"{e.name} ({e.kind}{', ' + e.rev[:7] if e.rev and e.kind != 'workspace' else ''})" for e in exps)
+    intro = (f"<p>{len(exps)} runs: {hp.esc(kinds)}. Marked cells are the best of their column "
+             "(lower FID/KID/loss/leakage/time, higher PSNR/SSIM/throughput).</p>")
+    if not diff_params:
+        intro += '<p class="muted">No params differ between these experiments.</p>'
+    if skipped:
+        intro += "<p class=\"muted\">Left out: " + hp.esc(", ".join(f"{n} ({why})" for n, why in skipped)) + "</p>"
+    sections.append(f'<section id="summary"><h2>Params that differ and headline metrics</h2>{intro}'
+                    f"{hp.table(header, rows, best=best)}</section>")
+    nav.append(("summary", "summary"))
+
+    # 2. every numeric metric that differs
+    blocks = []
+    for s in stages:
+        ms = per_stage[s.name]
+        mkeys = [k for k in dict.fromkeys(k for m in ms for k in m)
+                 if any(report.is_number(m.get(k)) for m in ms) and differing([m.get(k) for m in ms])]
+        if not mkeys:
+            continue
+        rows, best = [], set()
+        for r, k in enumerate(mkeys):
+            values = [m.get(k) for m in ms]
+            rows.append([k, *values])
+            best |= {(r, 1 + i) for i in best_index(values, direction(k))}
+        blocks.append(f"<h3>{hp.esc(s.name)}</h3>" + hp.table(["metric", *head], rows, best=best))
+    if blocks:
+        sections.append('<section id="metrics"><h2>All metrics that differ</h2><details open><summary>'
+                        f'{sum(b.count("<tr>") for b in blocks)} rows</summary>{"".join(blocks)}</details></section>')
+        nav.append(("metrics", "metrics"))
+
+    # 3. curves overlaid
+    charts = []
+    for s in stages:
+        for plot in s.plots:
+            if plot.is_image:
+                continue
+            per_exp = {}
+            for e in exps:
+                got = files.listing(e, s, plot)
+                tables = {f: report.read_table(got[os.path.relpath(f, s.report_dir)].decode(errors="replace"),
+                                               "," if f.endswith(".csv") else "\t")
+                          for f in plot.files if got.get(os.path.relpath(f, s.report_dir))}
+                per_exp[e.name] = report.plot_series(plot, tables)
+            columns = list(dict.fromkeys(c for series in per_exp.values() for c in series))
+            for column in columns:
+                lines = [hp.Series(e.name, *per_exp[e.name][column][1:], color=e.color)
+                         for e in exps if column in per_exp[e.name]]
+                if not lines:
+                    continue
+                if len(lines) == len(exps) > 1 and all((list(l.x), list(l.y)) == (list(lines[0].x), list(lines[0].y))
+                                                       for l in lines):
+                    lines = [hp.Series(f"all {len(exps)} (identical)", lines[0].x, lines[0].y, color="#475569")]
+                x_name = next(per_exp[e.name][column][0] for e in exps if column in per_exp[e.name])
+                title = report.plot_title(plot) + ("" if len(columns) == 1 else f" - {column}")
+                charts.append(hp.figure(hp.line_chart(lines, title, x_name, column), f"{s.name}: {title}"))
+    if charts:
+        sections.append(f'<section id="curves"><h2>Curves</h2>{"".join(charts)}</section>')
+        nav.append(("curves", "curves"))
+
+    # 4. images side by side
+    blocks = []
+    for s in stages:
+        rows_html = []
+        for plot in s.plots:
+            if not plot.is_image:
+                continue
+            got = [files.listing(e, s, plot) for e in exps]
+            for rel in sorted({r for g in got for r in g if os.path.splitext(r)[1].lower() in hp.IMAGE_TYPES},
+                              key=report.figure_order):
+                cells = [g.get(rel) for g in got]
+                mime = hp.IMAGE_TYPES[os.path.splitext(rel)[1].lower()]
+                digests = {hashlib.sha256(c).hexdigest() for c in cells if c is not None}
+                if len(digests) == 1 and all(c is not None for c in cells) and len(exps) > 1:
+                    rows_html.append(f"<h3>{hp.esc(rel)} <span class=\"badge\">the same in all</span></h3>"
+                                     + hp.scaled_img(cells[0], rel, mime))
+                    continue
+                grid = "".join(
+                    f'<div class="cell">{hp.scaled_img(c, f"{e.name}: {rel}", mime, 160) if c is not None else "<span class=muted>not available</span>"}'
+                    f"<div>{hp.chip(e.color)}{hp.esc(e.name)}</div></div>" for e, c in zip(exps, cells))
+                rows_html.append(f"<h3>{hp.esc(rel)}</h3><div class=\"grid\" style=\"grid-template-columns: "
+                                 f"repeat({len(exps)}, minmax(0, 1fr))\">{grid}</div>")
+        if rows_html:
+            blocks.append(f"<h2 id=\"img-{hp.esc(s.name)}\">{hp.esc(s.name)}</h2>" + "".join(rows_html))
+    if blocks:
+        sections.append(f'<section id="images"><h2>Images side by side</h2>{"".join(blocks)}</section>')
+        nav.append(("images", "images"))
+
+    # 5. where each column came from
+    rows = []
+    for s in stages:
+        rows.append([s.name, *(hp.Raw(("workspace files; " if s.name in e.local else "")
+                                      + report.run_link(e.runs.get(s.name), tracking_uri)) for e in exps)])
+    sections.append(f'<section id="runs"><h2>MLflow runs</h2>{hp.table(["stage", *head], rows)}</section>')
+    nav.append(("runs", "runs"))
+    subtitle = hp.esc(" vs ".join(names))
+    return hp.page("diffmodels: experiment comparison", subtitle, "\n".join(sections), nav)
+

@@ -1,0 +1,616 @@
+"""The pipeline report (SPEC 4.9): one self-contained page of every stage's metrics and figures.
+
+What the page shows is read from ``dvc.yaml``, not listed here: for each stage, its ``metrics``
+files become tables and its ``plots`` become figures (TSV/CSV data drawn with matplotlib using
+the plot's ``x`` / ``y`` / ``title``; PNG files and folders of images embedded). Top-level plots
+(several lines from one file, e.g. leakage profiles) go to the stage whose outputs hold their
+file. A new stage, or a plot moving from one stage to another, needs no change here.
+
+Metric tables are laid out from the keys: ``name`` -> a key/value list; ``group/column`` -> one
+row per group; ``group/row/column`` -> one table per group (e.g. ``method/mask set/metric``).
+
+Each stage is linked to its MLflow run: the newest finished run of that stage whose logged
+metrics equal the ones in its ``metrics.json`` (so a stage that did not rerun links to the run
+that produced its current outputs, not merely the latest one).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffmodels import htmlpage as hp
+from diffmodels.errors import DiffmodelsError
+
+DATA_TYPES = (".tsv", ".csv")
+# Headline numbers, looked up in every stage (first stage in pipeline order that has the key wins):
+# (key pattern, label). Missing ones are left out, so the list outlives stages moving around.
+HEADLINES = (
+    ("val_psnr", "VAE val PSNR (dB)"),
+    ("val_ssim", "VAE val SSIM"),
+    ("loss_last100", "DDPM loss (last 100 steps)"),
+    ("fid_ddpm", "FID, DDPM sampler"),
+    ("fid_ddim", "FID, DDIM sampler"),
+    ("fid/*", "inpainting FID"),
+    ("*/leak_radius_px", "decoder leak radius (px)"),
+    ("*/leak_mean", "decoder leak mean"),
+    ("latents_per_second", "DDPM training latents/s"),
+    ("seconds_per_image_ddim", "DDIM s/image"),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline as dvc.yaml declares it
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Plot:
+    """One ``plots`` entry of dvc.yaml: data (``y`` maps file -> columns) or images (a file or folder)."""
+
+    name: str
+    files: list[str]
+    title: str = ""
+    x: str | None = None
+    y: dict[str, list[str]] = field(default_factory=dict)
+    template: str | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return not any(f.endswith(DATA_TYPES) for f in self.files)
+
+
+@dataclass
+class Stage:
+    name: str
+    metrics: list[str] = field(default_factory=list)
+    plots: list[Plot] = field(default_factory=list)
+    outs: list[str] = field(default_factory=list)
+    deps: list[str] = field(default_factory=list)
+
+    @property
+    def report_dir(self) -> str:
+        """Where the stage writes its reports (the folder of its first metrics file)."""
+        if self.metrics:
+            return os.path.dirname(self.metrics[0])
+        return f"reports/{self.name}"
+
+
+def _entries(items: Iterable[Any]) -> list[tuple[str, dict]]:
+    """dvc.yaml list items: ``path`` or ``{path: {options}}``."""
+    out = []
+    for item in items or []:
+        if isinstance(item, str):
+            out.append((item, {}))
+        elif isinstance(item, Mapping):
+            for key, value in item.items():
+                out.append((str(key), dict(value or {})))
+    return out
+
+
+def _owner(path: str, stages: Sequence[Stage]) -> Stage | None:
+    for stage in stages:
+        for produced in (*stage.outs, *stage.metrics, *(f for p in stage.plots for f in p.files)):
+            if path == produced or path.startswith(produced.rstrip("/") + "/"):
+                return stage
+    return None
+
+
+def read_pipeline(dvc_yaml: str | Path = "dvc.yaml") -> list[Stage]:
+    """Stages in dvc.yaml order with their metrics, plots (top-level ones attached) and outs."""
+    path = Path(dvc_yaml)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise DiffmodelsError(f"{path}: cannot read the pipeline ({exc}); run from the project root") from None
+    stages = []
+    for name, spec in (doc.get("stages") or {}).items():
+        stage = Stage(name=name, deps=[d for d, _ in _entries(spec.get("deps"))])
+        stage.metrics = [m for m, _ in _entries(spec.get("metrics"))]
+        stage.outs = [o for o, _ in _entries(spec.get("outs"))]
+        for file, opts in _entries(spec.get("plots")):
+            ys = opts.get("y")
+            columns = [ys] if isinstance(ys, str) else list(ys or [])
+            stage.plots.append(Plot(name=file, files=[file], title=opts.get("title", ""), x=opts.get("x"),
+                                    y={file: columns} if file.endswith(DATA_TYPES) else {},
+                                    template=opts.get("template")))
+        stages.append(stage)
+    for name, opts in _entries(doc.get("plots")):
+        ys = opts.get("y")
+        if isinstance(ys, Mapping):
+            y = {f: ([c] if isinstance(c, str) else list(c)) for f, c in ys.items()}
+        else:  # a bare path (or a path with options) is its own data
+            y = {name: [ys] if isinstance(ys, str) else list(ys or [])} if name.endswith(DATA_TYPES) else {}
+        files = list(y) or [name]
+        plot = Plot(name=name, files=files, title=opts.get("title", ""), x=opts.get("x"), y=y,
+                    template=opts.get("template"))
+        owner = _owner(files[0], stages)
+        if owner is None:
+            owner = next((s for s in stages if files[0].startswith(s.report_dir + "/")), None)
+        if owner is not None:
+            owner.plots.append(plot)
+    return stages
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+def flatten_metrics(data: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested metrics as ``a/b/c`` keys (the separator eval_inpaint already uses)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_metrics(root: Path, stage: Stage) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for rel in stage.metrics:
+        path = root / rel
+        if path.is_file():
+            try:
+                merged.update(json.loads(path.read_text()))
+            except json.JSONDecodeError as exc:
+                raise DiffmodelsError(f"{path}: not valid JSON ({exc}); rerun `dvc repro -f {stage.name}`") from None
+    return merged
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metric_tables(metrics: Mapping[str, Any]) -> str:
+    """HTML tables of one stage's metrics, laid out by key depth (see the module docstring)."""
+    flat = flatten_metrics(metrics)
+    scalars = {k: v for k, v in flat.items() if "/" not in k}
+    pairs: dict[str, dict[str, Any]] = {}
+    triples: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, value in flat.items():
+        parts = key.split("/")
+        if len(parts) == 2:
+            pairs.setdefault(parts[0], {})[parts[1]] = value
+        elif len(parts) >= 3:
+            triples.setdefault(parts[0], {}).setdefault("/".join(parts[1:-1]), {})[parts[-1]] = value
+    out = []
+    if scalars:
+        numbers = [(k, v) for k, v in scalars.items() if not isinstance(v, str) or len(v) <= 40]
+        texts = [(k, v) for k, v in scalars.items() if isinstance(v, str) and len(v) > 40]
+        per_col = max(1, math.ceil(len(numbers) / 3))
+        cols = [numbers[i:i + per_col] for i in range(0, len(numbers), per_col)]
+        out.append('<div class="kv">' + "".join(hp.table(["metric", "value"], rows) for rows in cols) + "</div>")
+        if texts:
+            out.append(hp.table(["metric", "value"], texts))
+    # 2-level keys: groups sharing the same columns share a table (e.g. fid/<method>, kid/<method>)
+    by_columns: dict[tuple[str, ...], list[str]] = {}
+    for group, row in pairs.items():
+        by_columns.setdefault(tuple(row), []).append(group)
+    for columns, groups in by_columns.items():
+        out.append(hp.table(["", *columns], [[g, *(pairs[g][c] for c in columns)] for g in groups]))
+    for group, rows in triples.items():
+        columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+        out.append(f"<h3>{hp.esc(group)}</h3>")
+        out.append(hp.table(["", *columns], [[r, *(row.get(c) for c in columns)] for r, row in rows.items()]))
+    return "\n".join(out)
+
+
+def headlines(metrics_by_stage: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str, Any]]:
+    """(label, stage, key, value) of the headline numbers present, in HEADLINES order."""
+    found, seen = [], set()
+    for pattern, label in HEADLINES:
+        for stage, metrics in metrics_by_stage.items():
+            hits = [k for k, v in flatten_metrics(metrics).items() if fnmatch.fnmatchcase(k, pattern) and is_number(v)]
+            for key in hits:
+                if key in seen:
+                    continue
+                seen.add(key)
+                suffix = "" if key == pattern else f" ({key.split('/')[1] if '*' in pattern else key})"
+                found.append((label + suffix, stage, key, flatten_metrics(metrics)[key]))
+            if hits:
+                break
+    return found
+
+
+SKIP_KEYS = ("status", "reason", "how_to", "converted", "message", "how")
+
+
+def skip_note(metrics: Mapping[str, Any]) -> str | None:
+    """Stages that ran without their inputs (SD without weights) say so in their metrics."""
+    if metrics.get("status") == "skipped" or metrics.get("converted") is False:
+        reason = metrics.get("reason") or metrics.get("message") or "skipped"
+        how = metrics.get("how_to") or metrics.get("how") or ""
+        return (f'<div class="note"><b>Skipped:</b> {hp.esc(reason)}'
+                + (f"<br><b>How to run it:</b> {hp.esc(how)}" if how else "") + "</div>")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Plot data and figures
+# ------------------------------------------------------------------------------------------------
+
+def read_table(text: str, delimiter: str = "\t") -> dict[str, list[float]]:
+    """Columns of a TSV/CSV as floats (blank or non-numeric cells become NaN)."""
+    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    if not rows:
+        return {}
+    header, body = rows[0], [r for r in rows[1:] if r]
+    columns: dict[str, list[float]] = {h: [] for h in header}
+    for row in body:
+        for h, value in zip(header, row + [""] * (len(header) - len(row))):
+            try:
+                columns[h].append(float(value))
+            except ValueError:
+                columns[h].append(math.nan)
+    return columns
+
+
+def plot_series(plot: Plot, tables: Mapping[str, Mapping[str, list[float]]]) -> dict[str, tuple[str, list, list]]:
+    """``{column: (x name, x values, y values)}`` of a data plot, from its files' tables.
+
+    Columns follow dvc.yaml's ``y``; without one, DVC's default (the last column) is used, and
+    without ``x`` the ``step`` column or the row number.
+    """
+    out = {}
+    for file, columns in plot.y.items():
+        table = tables.get(file)
+        if not table:
+            continue
+        names = list(table)
+        x_name = plot.x if plot.x in table else ("step" if "step" in table else None)
+        xs = table[x_name] if x_name else list(range(len(next(iter(table.values())))))
+        for column in columns or [names[-1]]:
+            if column in table:
+                keep = [i for i, v in enumerate(table[column]) if math.isfinite(v)]
+                label = column if len(plot.y) == 1 else f"{os.path.basename(file)}: {column}"
+                out[label] = (x_name or "row", [xs[i] for i in keep], [table[column][i] for i in keep])
+    return out
+
+
+def plot_title(plot: Plot) -> str:
+    return plot.title or plot.name
+
+
+def figure_order(name: str) -> tuple:
+    """Sample grids first, then by name."""
+    return (0 if "samples" in os.path.basename(name) else 1, name)
+
+
+def image_files(root: Path, plot: Plot) -> list[Path]:
+    """The images of an image plot: the file, or the folder's images (sample grids first)."""
+    files = []
+    for rel in plot.files:
+        path = root / rel
+        if path.is_dir():
+            files += sorted((p for p in path.rglob("*") if p.suffix.lower() in hp.IMAGE_TYPES),
+                            key=lambda p: figure_order(str(p)))
+        elif path.is_file() and path.suffix.lower() in hp.IMAGE_TYPES:
+            files.append(path)
+    return files
+
+
+def data_plot_html(plot: Plot, tables: Mapping[str, Mapping[str, list[float]]]) -> str:
+    series = plot_series(plot, tables)
+    if not series:
+        return ""
+    x_name = next(iter(series.values()))[0]
+    lines = [hp.Series(label, xs, ys) for label, (_, xs, ys) in series.items()]
+    ylabel = next(iter(series)) if len(series) == 1 else ""
+    png = hp.line_chart(lines, plot_title(plot), x_name, ylabel)
+    return hp.figure(png, plot_title(plot))
+
+
+# ------------------------------------------------------------------------------------------------
+# MLflow runs
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunRef:
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
+    start_time: int
+    tags: dict[str, str]
+    matched: bool  # its logged metrics equal the stage's metrics.json
+    checked: bool = True  # there were numbers to match on (False: the newest run, unchecked)
+
+
+def _norm_metrics(flat: Mapping[str, Any]) -> dict[str, float]:
+    """Metric names as the stages log them to MLflow: nested keys joined with '.', '/' -> '.'."""
+    out = {}
+    for key, value in flat.items():
+        if isinstance(value, bool):
+            value = float(value)
+        if is_number(value):
+            out[key.replace("/", ".")] = float(value)
+    return out
+
+
+def metrics_match(logged: Mapping[str, float], metrics: Mapping[str, Any]) -> bool:
+    """True when every metric both sides have agrees (to the 4-5 digits metrics.json rounds to)."""
+    expected = _norm_metrics(flatten_metrics(metrics))
+    shared = [k for k in expected if k in logged]
+    return bool(shared) and all(math.isclose(logged[k], expected[k], rel_tol=1e-4, abs_tol=1e-6) for k in shared)
+
+
+def pick_run(runs: Sequence[Any], metrics: Mapping[str, Any], exp_name: str | None = None) -> RunRef | None:
+    """The run (MLflow ``Run`` objects of one stage) that produced ``metrics``.
+
+    Matching runs first, then runs tagged with ``exp_name`` (the DVC experiment), then the newest.
+    With no match, the newest run is returned marked ``matched=False``.
+    """
+    if not runs:
+        return None
+
+    def rank(run) -> tuple:
+        match = metrics_match(run.data.metrics, metrics) if metrics else False
+        same_exp = exp_name is not None and run.data.tags.get("dvc_exp_name") == exp_name
+        return (match, same_exp, run.info.start_time or 0)
+
+    best = max(runs, key=rank)
+    matched = rank(best)[0]
+    checked = bool(_norm_metrics(flatten_metrics(metrics or {})))
+    return RunRef(best.info.run_id, best.info.experiment_id, best.info.artifact_uri, best.info.start_time or 0,
+                  dict(best.data.tags), matched, checked)
+
+
+def stage_runs(experiment: str, tracking_uri: str) -> dict[str, list[Any]]:
+    """Finished top-level runs of the MLflow experiment, by ``stage`` tag ({} when there is none)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
+                                  output_format="list")
+    except Exception as exc:  # an unreachable store is reported on the page, not fatal to the report
+        raise DiffmodelsError(f"cannot read MLflow runs from {tracking_uri}: {str(exc).splitlines()[0]}") from None
+    by_stage: dict[str, list[Any]] = {}
+    for run in runs:
+        if "mlflow.parentRunId" in run.data.tags:
+            continue
+        by_stage.setdefault(run.data.tags.get("stage", ""), []).append(run)
+    return by_stage
+
+
+def ui_base(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return "http://127.0.0.1:5000"
+
+
+def run_link(ref: RunRef | None, tracking_uri: str) -> str:
+    if ref is None:
+        return '<span class="muted">no MLflow run found</span>'
+    url = f"{ui_base(tracking_uri)}/#/experiments/{ref.experiment_id}/runs/{ref.run_id}"
+    parts = [f'<a href="{hp.esc(url)}">MLflow run {hp.esc(ref.run_id[:8])}</a>']
+    if ref.artifact_uri.startswith("file:"):
+        parts.append(f'<a href="{hp.esc(ref.artifact_uri)}">artifacts</a>')
+    if ref.tags.get("dvc_exp_name"):
+        parts.append(f"experiment {hp.esc(ref.tags['dvc_exp_name'])}")
+    if not ref.matched:
+        parts.append('<span class="muted">(newest run of this stage'
+                     + ("; its metrics differ from these)" if ref.checked else ")") + "</span>")
+    return " &middot; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# The page
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class ReportInputs:
+    root: Path
+    stages: list[Stage]
+    params: dict  # params.yaml as loaded
+    metrics: dict[str, dict]  # stage -> its metrics.json content
+    runs: dict[str, RunRef | None]
+    tracking_uri: str
+    bench_dir: Path | None = None
+    compare_page: str | None = None  # relative link to compare.html when it exists
+    context: dict[str, str] = field(default_factory=dict)  # commit, experiment, pipeline id
+    tracking_error: str | None = None
+
+
+def fid_rows(metrics_by_stage: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, float, float | None]]:
+    """(sampler or method, FID, KID) for every FID the pipeline computed: sample's ``fid_<sampler>``
+    and eval_inpaint's ``fid/<method>``."""
+    rows = []
+    for stage, metrics in metrics_by_stage.items():
+        flat = flatten_metrics(metrics)
+        for key, value in flat.items():
+            name = key[4:] if key.startswith(("fid_", "fid/")) else None
+            if name is None or name == "extractor" or not is_number(value):
+                continue
+            kid = flat.get(f"kid{key[3]}{name}")
+            rows.append((f"{stage}: {name}", float(value), float(kid) if is_number(kid) else None))
+    return rows
+
+
+def fid_tsv(rows: Sequence[tuple[str, float, float | None]]) -> str:
+    lines = ["sampler\tfid\tkid"] + [f"{n}\t{f:.6g}\t{'' if k is None else f'{k:.6g}'}" for n, f, k in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _params_html(params: Mapping[str, Any]) -> str:
+    blocks = []
+    scalars = [(k, v) for k, v in params.items() if not isinstance(v, Mapping)]
+    if scalars:
+        blocks.append(hp.table(["param", "value"], scalars))
+    for group, values in params.items():
+        if isinstance(values, Mapping):
+            rows = [(k, v if not isinstance(v, (list, dict)) else json.dumps(v)) for k, v in flatten_metrics(values).items()]
+            blocks.append(f"<div><h3>{hp.esc(group)}</h3>{hp.table([group, 'value'], rows)}</div>")
+    return '<div class="kv">' + "".join(blocks) + "</div>"
+
+
+def text_with_tables(text: str) -> str:
+    """Plain text as <pre>, with its Markdown tables (``| a | b |`` lines) as HTML tables."""
+    out, plain, rows = [], [], []
+
+    def flush_plain():
+        if plain and any(line.strip() for line in plain):
+            out.append(f"<pre>{hp.esc(chr(10).join(plain).strip(chr(10)))}</pre>")
+        plain.clear()
+
+    def flush_rows():
+        cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows
+                 if not set(r.replace("|", "").strip()) <= set("-: ")]
+        if cells:
+            out.append(hp.table(cells[0], cells[1:]))
+        rows.clear()
+
+    for line in text.splitlines():
+        if line.lstrip().startswith("|"):
+            flush_plain()
+            rows.append(line)
+        else:
+            flush_rows()
+            plain.append(line)
+    flush_rows()
+    flush_plain()
+    return "\n".join(out)
+
+
+def _bench_html(bench_dir: Path) -> str:
+    parts = []
+    files = sorted(bench_dir.iterdir()) if bench_dir.is_dir() else []
+    stems_with_text = {f.stem for f in files if f.suffix == ".txt"}
+    for f in files:
+        if f.suffix == ".txt":
+            parts.append(f"<h3>{hp.esc(f.name)}</h3>{text_with_tables(f.read_text(errors='replace'))}")
+        elif f.suffix.lower() in hp.IMAGE_TYPES:
+            parts.append(hp.figure(f.read_bytes(), f.name, hp.IMAGE_TYPES[f.suffix.lower()]))
+        elif f.suffix == ".json" and f.stem not in stems_with_text:
+            parts.append(f"<details><summary>{hp.esc(f.name)}</summary><pre>{hp.esc(f.read_text(errors='replace'))}</pre></details>")
+    return "\n".join(parts)
+
+
+def stage_section(inputs: ReportInputs, stage: Stage) -> str:
+    root = inputs.root
+    metrics = inputs.metrics.get(stage.name, {})
+    body = [f'<section id="{hp.esc(stage.name)}"><h2>{hp.esc(stage.name)}</h2>',
+            f'<div class="muted">{run_link(inputs.runs.get(stage.name), inputs.tracking_uri)}</div>']
+    note = skip_note(metrics)
+    if note:
+        body.append(note)
+        metrics = {k: v for k, v in metrics.items() if k not in SKIP_KEYS}
+    if metrics:
+        body.append(metric_tables(metrics))
+    elif stage.metrics:
+        body.append('<p class="muted">no metrics yet (the stage has not run)</p>')
+    tables = {}
+    for plot in stage.plots:
+        for file in plot.y:
+            path = root / file
+            if path.is_file():
+                tables[file] = read_table(path.read_text(), "," if file.endswith(".csv") else "\t")
+    charts = [data_plot_html(p, tables) for p in stage.plots if not p.is_image]
+    if any(charts):
+        body.append("<div>" + "".join(charts) + "</div>")
+    for plot in stage.plots:
+        if plot.is_image:
+            files = image_files(root, plot)
+            if files:
+                figs = "".join(hp.figure(f.read_bytes(), str(f.relative_to(root / stage.report_dir))
+                                         if f.is_relative_to(root / stage.report_dir) else f.name,
+                                         hp.IMAGE_TYPES[f.suffix.lower()]) for f in files)
+                body.append(f"<div>{figs}</div>")
+    body.append("</section>")
+    return "\n".join(body)
+
+
+def render_index(inputs: ReportInputs, skip: Iterable[str] = ("report",)) -> str:
+    """The whole ``reports/index.html``."""
+    skip = set(skip)
+    stages = [s for s in inputs.stages if s.name not in skip]
+    ctx = inputs.context
+    subtitle = " &middot; ".join(hp.esc(f"{k} {v}") for k, v in ctx.items() if v)
+    summary = ['<section id="summary"><h2>Summary</h2><div class="cards">']
+    for label, stage, key, value in headlines({s.name: inputs.metrics.get(s.name, {}) for s in stages}):
+        summary.append(f'<div class="card" title="{hp.esc(stage)}: {hp.esc(key)}"><div class="v">{hp.esc(hp.fmt(value))}'
+                       f'</div><div class="k">{hp.esc(label)}</div></div>')
+    summary.append("</div>")
+    rows = fid_rows({s.name: inputs.metrics.get(s.name, {}) for s in stages})
+    if rows:
+        summary.append(hp.figure(hp.bar_chart([r[0] for r in rows], [r[1] for r in rows],
+                                              "FID per sampler / inpainting method (lower is better)", "FID"),
+                                 "FID per sampler"))
+    if inputs.compare_page:
+        summary.append(f'<p>Ablations: <a href="{hp.esc(inputs.compare_page)}">experiment comparison</a> '
+                       "(<code>python -m stages.compare</code> rebuilds it).</p>")
+    else:
+        summary.append('<p class="muted">Ablations: queue experiments with <code>dvc exp run --queue -S ...</code>, '
+                       "run <code>dvc queue start</code>, then <code>python -m stages.compare</code> writes "
+                       "<code>reports/compare.html</code>.</p>")
+    if inputs.tracking_error:
+        summary.append(f'<div class="note">{hp.esc(inputs.tracking_error)}</div>')
+    summary.append(f'<p class="muted">MLflow links open the MLflow UI: <code>mlflow ui --backend-store-uri '
+                   f'{hp.esc(inputs.tracking_uri)}</code>.</p></section>')
+    sections = ["\n".join(summary)]
+    sections += [stage_section(inputs, s) for s in stages]
+    nav = [("summary", "summary")] + [(s.name, s.name) for s in stages]
+    if inputs.bench_dir is not None:
+        bench = _bench_html(inputs.bench_dir)
+        if bench:
+            sections.append(f'<section id="benchmarks"><h2>Benchmarks</h2>{bench}</section>')
+            nav.append(("benchmarks", "benchmarks"))
+    sections.append(f'<section id="params"><h2>Parameters</h2><p class="muted">params.yaml of this run</p>'
+                    f"{_params_html(inputs.params)}</section>")
+    nav.append(("params", "params"))
+    return hp.page("diffmodels report", subtitle, "\n".join(sections), nav)
+
+
+def report_metrics(inputs: ReportInputs) -> dict:
+    """``reports/metrics.json``: params, every stage's metrics, FIDs and MLflow run ids in one place."""
+    bench = {}
+    if inputs.bench_dir is not None and inputs.bench_dir.is_dir():
+        for f in sorted(inputs.bench_dir.glob("*.json")):
+            try:
+                bench[f.stem] = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                continue
+    stages = [s for s in inputs.stages if s.name != "report"]
+    return {
+        "params": inputs.params,
+        "stages": {s.name: inputs.metrics.get(s.name, {}) for s in stages},
+        "fid": {name: {"fid": f, "kid": k} for name, f, k in fid_rows({s.name: inputs.metrics.get(s.name, {}) for s in stages})},
+        "mlflow_runs": {name: (None if ref is None else {"run_id": ref.run_id, "experiment_id": ref.experiment_id,
+                                                          "matched_metrics": ref.matched})
+                        for name, ref in inputs.runs.items()},
+        "benchmarks": bench,
+        "context": inputs.context,
+    }
+
+
+def gather(root: Path, params_path: Path, tracking_uri: str, experiment: str, exp_name: str | None = None,
+           dvc_yaml: str = "dvc.yaml") -> ReportInputs:
+    """Read everything the report shows from the project at ``root`` and the MLflow store."""
+    stages = read_pipeline(root / dvc_yaml)
+    params = yaml.safe_load(params_path.read_text()) or {}
+    metrics = {s.name: read_metrics(root, s) for s in stages}
+    runs: dict[str, RunRef | None] = {}
+    error = None
+    try:
+        by_stage = stage_runs(experiment, tracking_uri)
+    except DiffmodelsError as exc:
+        by_stage, error = {}, str(exc)
+    for s in stages:
+        if s.name != "report":
+            runs[s.name] = pick_run(by_stage.get(s.name, []), metrics[s.name], exp_name)
+    bench = root / "reports" / "bench"
+    compare = root / "reports" / "compare.html"
+    return ReportInputs(root=root, stages=stages, params=params, metrics=metrics, runs=runs, tracking_uri=tracking_uri,
+                        bench_dir=bench if bench.is_dir() else None,
+                        compare_page="compare.html" if compare.is_file() else None, tracking_error=error)

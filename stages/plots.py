@@ -1,0 +1,40 @@
+"""`dvc plots` that render offline: DVC's plot commands with vega inlined in the page.
+
+    python -m stages.plots show                          # dvc plots show, offline page
+    python -m stages.plots diff workspace mixer-attention # dvc plots diff <rev|exp> ...
+    python -m stages.plots template [PATH]               # only write the template (default
+                                                         # .dvc/tmp/vega_offline_template.html)
+
+Any further arguments go to DVC unchanged (``-o DIR``, ``--open``, targets). The page is
+``dvc_plots/index.html`` unless ``-o`` says otherwise. The template can also be passed to DVC by
+hand: ``dvc plots diff A B --html-template .dvc/tmp/vega_offline_template.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from diffmodels.vega_offline import DEFAULT_PATH, build_template
+from stages._cli import stage_main
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("command", choices=("show", "diff", "template"), help="dvc plots subcommand, or only the template")
+parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to dvc plots (template: the output path)")
+
+
+def run(args) -> None:
+    if args.command == "template":
+        path = build_template(args.args[0] if args.args else DEFAULT_PATH)
+        print(f"plots: offline template {path}; use it with `dvc plots show --html-template {path}`")
+        return
+    template = build_template(DEFAULT_PATH)
+    cmd = [sys.executable, "-m", "dvc", "plots", args.command, *args.args, "--html-template", str(template)]
+    sys.exit(subprocess.run(cmd).returncode)
+
+
+main = stage_main(run, parser)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Report stage, experiment comparison and offline dvc plots, on hand-built reports and a private
+MLflow store (the real pipeline runs them in test_pipeline.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from diffmodels import compare, htmlpage, report
+from diffmodels.errors import DiffmodelsError
+from tests import browser
+from tests.conftest import ROOT, params_with
+
+PIPELINE = """
+stages:
+  train_vae:
+    cmd: x
+    outs: [reports/train_vae/val.tsv]
+    metrics: [{reports/train_vae/metrics.json: {cache: false}}]
+    plots:
+      - reports/train_vae/loss.tsv: {x: step, y: loss, title: VAE loss}
+      - reports/train_vae/reconstructions.png
+  sample:
+    cmd: x
+    metrics: [{reports/sample/metrics.json: {cache: false}}]
+    plots: [reports/sample/figures]
+  eval_leakage:
+    cmd: x
+    outs: [reports/eval_leakage/decoder_leakage.tsv]
+    metrics: [{reports/eval_leakage/metrics.json: {cache: false}}]
+  report:
+    cmd: x
+    outs: [reports/index.html]
+plots:
+  - decoder_leakage:
+      x: distance_px
+      y: {reports/eval_leakage/decoder_leakage.tsv: [aligned, offset]}
+      title: Decoder leakage
+  - vae_val:
+      x: step
+      y: {reports/train_vae/val.tsv: val_psnr}
+"""
+
+
+def png(color: int, size=(24, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0]), color, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+    return path
+
+
+def fake_reports(root: Path, scale: float, color: int) -> dict[str, dict]:
+    """One experiment's reports: metrics, loss / val / leakage tables and images (colour-coded)."""
+    metrics = {
+        "reports/train_vae/metrics.json": {"val_psnr": round(20 + scale, 4), "val_ssim": 0.8, "steps": 40,
+                                           "seconds_this_run": 3.5 * scale},
+        "reports/sample/metrics.json": {"fid_ddpm": 100.0 / scale, "fid_ddim": 120.0 / scale, "kid_ddpm": 0.1,
+                                        "kid_ddim": 0.12, "fid_extractor": "inception-v3 test"},
+        "reports/eval_leakage/metrics.json": {"leakage": {"aligned": {"leak_mean": 0.01 * scale, "leak_radius_px": 3},
+                                                          "offset": {"leak_mean": 0.02 * scale, "leak_radius_px": 5}}},
+    }
+    for rel, data in metrics.items():
+        write(root / rel, json.dumps(data))
+    write(root / "reports/train_vae/loss.tsv",
+          "step\tloss\tlr\n" + "".join(f"{s}\t{1.0 / (s * scale)}\t0.001\n" for s in range(1, 101)))
+    write(root / "reports/train_vae/val.tsv", f"step\tval_psnr\tval_ssim\n20\t{18 + scale}\t0.7\n40\t{20 + scale}\t0.8\n")
+    write(root / "reports/eval_leakage/decoder_leakage.tsv",
+          "distance_px\taligned\toffset\n" + "".join(f"{d}\t{0.1 * scale / (d + 1)}\t{0.2 / (d + 1)}\n" for d in range(8))
+          + "8\t\t0.01\n")
+    write(root / "reports/train_vae/reconstructions.png", png(color))
+    write(root / "reports/sample/figures/ddim_samples.png", png(color + 1))
+    write(root / "reports/sample/figures/anagram.png", png(7))  # the same in every experiment
+    return metrics
+
+
+def log_runs(root: Path, metrics: dict[str, dict], exp_name: str | None) -> None:
+    """Stage runs as the stages log them: flattened metrics, metrics.json and plot files as artifacts."""
+    experiment = mlflow.get_experiment_by_name("diffmodels")
+    eid = experiment.experiment_id if experiment else mlflow.create_experiment("diffmodels")
+    for stage in ("train_vae", "sample", "eval_leakage"):
+        tags = {"stage": stage, "pipeline_id": "p", **({"dvc_exp_name": exp_name} if exp_name else {})}
+        with mlflow.start_run(experiment_id=eid, run_name=stage, tags=tags):
+            data = metrics[f"reports/{stage}/metrics.json"]
+            flat = report.flatten_metrics(data)
+            mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in flat.items() if report.is_number(v)})
+            folder = root / "reports" / stage
+            for f in folder.iterdir():
+                if f.is_file() and f.suffix != ".png":
+                    mlflow.log_artifact(str(f))
+            if stage == "train_vae":
+                mlflow.log_artifact(str(folder / "reconstructions.png"))
+            if stage == "sample":
+                for f in (folder / "figures").iterdir():
+                    mlflow.log_artifact(str(f), artifact_path="figures")
+
+
+def exp_show_rows(workspace: dict, baseline: dict, experiments: dict[str, dict], queued: str = "q1") -> list[dict]:
+    """`dvc exp show --json` as DVC 3 prints it (workspace, HEAD with its experiments)."""
+    def data(metrics, x):
+        return {"params": {"params.yaml": {"data": {"vae": {"decoder_kernel": x, "se": True}, "seed": 0}}},
+                "metrics": {k: {"data": v} for k, v in metrics.items()}}
+
+    exps = [{"name": n, "executor": None, "revs": [{"rev": f"{i + 1:040x}", "name": n, "data": data(m, 7), "error": None}]}
+            for i, (n, m) in enumerate(experiments.items())]
+    exps.append({"name": queued, "executor": {"state": "queued"},
+                 "revs": [{"rev": "f" * 40, "name": queued, "data": data({}, 5), "error": None}]})
+    return [{"rev": "workspace", "name": None, "data": data(workspace, 3), "experiments": None},
+            {"rev": "a" * 40, "name": "main", "data": data(baseline, 3), "experiments": exps},
+            {"rev": "b" * 40, "name": None, "data": data(baseline, 3), "experiments": None}]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Workspace = baseline; experiment 'k7' exists only in MLflow (its files logged from elsewhere).
+    Then the report stage and the comparison, once for the module's tests."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "DIFFMODELS_PIPELINE_ID"):
+            mp.delenv(var, raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)  # an earlier test's stage may have pointed mlflow elsewhere
+        root = tmp_path / "project"
+        write(root / "dvc.yaml", PIPELINE)
+        write(root / "params.yaml", yaml.safe_dump(params_with()))
+        elsewhere = tmp_path / "k7"
+        k7 = fake_reports(elsewhere, 2.0, 200)
+        log_runs(elsewhere, k7, "k7")
+        base = fake_reports(root, 1.0, 60)
+        log_runs(root, base, None)
+
+        from stages import report as report_stage
+
+        mp.chdir(root)
+        out = io.StringIO()
+        with __import__("contextlib").redirect_stdout(out):
+            report_stage.main(["--html", "reports/index.html", "--metrics", "reports/metrics.json", "--fid", "reports/fid.tsv"])
+        workspace, exps, skipped = compare.parse_exp_show(exp_show_rows(base, base, {"k7": k7}))
+        stages = report.read_pipeline(root / "dvc.yaml")
+        files = compare.Files(root, stages, workspace, uri, report.stage_runs("diffmodels", uri))
+        (root / "reports/compare.html").write_text(compare.render_compare(exps, stages, files, skipped, uri))
+        yield SimpleNamespace(root=root, base=base, k7=k7, uri=uri, report_out=out.getvalue(), exps=exps)
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+
+
+def b64_of(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ------------------------------------------------------------------------------------------------
+
+def test_read_pipeline_attaches_top_level_plots_to_their_stage(tmp_path):
+    stages = {s.name: s for s in report.read_pipeline(write(tmp_path / "dvc.yaml", PIPELINE))}
+    leak = [p for p in stages["eval_leakage"].plots if p.name == "decoder_leakage"]
+    assert len(leak) == 1 and leak[0].y == {"reports/eval_leakage/decoder_leakage.tsv": ["aligned", "offset"]}
+    assert [p.name for p in stages["train_vae"].plots] == ["reports/train_vae/loss.tsv", "reports/train_vae/reconstructions.png", "vae_val"]
+    assert [p.is_image for p in stages["train_vae"].plots] == [False, True, False]
+    assert stages["sample"].plots[0].is_image and stages["sample"].report_dir == "reports/sample"
+
+
+def test_report_stage_depends_on_every_metrics_and_plots_path():
+    """dvc.yaml's report stage must list each stage's metrics and plot files, or it would not rerun."""
+    stages = report.read_pipeline(ROOT / "dvc.yaml")
+    deps = set(next(s for s in stages if s.name == "report").deps)
+    needed = {f for s in stages if s.name != "report" for f in [*s.metrics, *(f for p in s.plots for f in p.files)]}
+    assert needed - deps == set(), f"add to the report stage's deps in dvc.yaml: {sorted(needed - deps)}"
+
+
+def test_metric_tables_pivot_by_key_depth():
+    page = report.metric_tables({"seconds": 3.0, "fid": {"clamp": 10.0, "repaint": 12.0}, "kid": {"clamp": 0.1, "repaint": 0.2},
+                                 "clamp": {"centre": {"psnr": 30.0, "ssim": 0.9}, "half": {"psnr": 20.0, "ssim": 0.7}}})
+    tables = re.findall(r"<table>.*?</table>", page, re.S)
+    assert len(tables) == 3  # scalars; fid + kid share one (same columns); clamp: mask set x metric
+    assert tables[1].count("<tr>") == 3 and ">repaint<" in tables[1]
+    assert "<h3>clamp</h3>" in page and ">centre<" in tables[2] and ">ssim<" in tables[2]
+
+
+def test_read_table_and_plot_series_drop_blank_cells():
+    plot = report.Plot("d", ["f.tsv"], x="distance_px", y={"f.tsv": ["aligned", "offset"]})
+    series = report.plot_series(plot, {"f.tsv": report.read_table("distance_px\taligned\toffset\n0\t0.5\t0.6\n1\t\t0.3\n")})
+    assert series == {"aligned": ("distance_px", [0.0], [0.5]), "offset": ("distance_px", [0.0, 1.0], [0.6, 0.3])}
+    default = report.Plot("l", ["l.tsv"], y={"l.tsv": []})  # no y: DVC's default, the last column
+    assert list(report.plot_series(default, {"l.tsv": report.read_table("step\tloss\tlr\n1\t2\t3\n")})) == ["lr"]
+
+
+def run_stub(metrics: dict, start: int, exp: str | None = None):
+    return SimpleNamespace(data=SimpleNamespace(metrics=metrics, tags={"dvc_exp_name": exp} if exp else {}),
+                           info=SimpleNamespace(run_id=f"r{start}", experiment_id="1", artifact_uri="file:///a",
+                                                start_time=start))
+
+
+def test_pick_run_prefers_the_run_that_produced_the_metrics():
+    metrics = {"val_psnr": 25.2808, "nested": {"a": 1}, "precision": "float32"}
+    old = run_stub({"val_psnr": 25.280780792, "nested.a": 1.0}, 1)  # logged unrounded, nested with '.'
+    newer = run_stub({"val_psnr": 24.1, "nested.a": 1.0}, 2)
+    assert report.pick_run([old, newer], metrics).run_id == "r1"
+    assert report.pick_run([old, newer], metrics).matched
+    fallback = report.pick_run([newer], metrics)
+    assert fallback.run_id == "r2" and not fallback.matched
+    twin = run_stub({"val_psnr": 25.2808}, 0, exp="k7")  # same numbers: the experiment's own run wins
+    assert report.pick_run([old, twin], metrics, exp_name="k7").run_id == "r0"
+    assert report.pick_run([], metrics) is None
+
+
+def test_direction_and_best():
+    assert [compare.direction(k) for k in ("fid_ddim", "fid/repaint", "kid_std_ddpm", "val_psnr", "clamp/centre/ssim_image",
+                                           "leakage/aligned/leak_radius_px", "latents_per_second", "seconds_per_image_ddim",
+                                           "clamp/centre/seam", "num_parameters", "loss_last100")] == \
+        ["min", "min", None, "max", "max", "min", "max", "min", "one", None, "min"]
+    assert compare.best_index([3.0, 1.0, 2.0], "min") == {1}
+    assert compare.best_index([0.7, 1.2, 1.05], "one") == {2}
+    assert compare.best_index([1.0, 1.0], "max") == set()  # a tie everywhere marks nothing
+    assert compare.best_index([1.0, None, "x"], "max") == set()
+
+
+def test_parse_exp_show_keeps_the_baseline_and_finished_experiments():
+    m = {"reports/sample/metrics.json": {"fid_ddim": 1.0}}
+    workspace, exps, skipped = compare.parse_exp_show(exp_show_rows(m, m, {"k7": m, "empty": {}}))
+    assert workspace.kind == "workspace" and workspace.params["vae.decoder_kernel"] == 3
+    assert [(e.name, e.kind) for e in exps] == [("main", "baseline"), ("k7", "experiment")]
+    assert exps[1].params["vae.decoder_kernel"] == 7 and exps[1].metrics == m
+    assert skipped == [("empty", "no metrics"), ("q1", "queued")]
+    assert [e.name for e in compare.select(exps, ["k7"])] == ["k7"]
+    assert compare.select(exps, ["0000000000000000000000000000000000000001"[:8]])[0].name == "k7"
+    with pytest.raises(DiffmodelsError, match="no finished experiment named 'nope'.*main, k7"):
+        compare.select(exps, ["nope"])
+
+
+def test_report_page_and_metrics(project):
+    assert "3 stages, 3 linked to their MLflow runs" in project.report_out
+    page = (project.root / "reports/index.html").read_text()
+    for data in (png(60), png(61), png(7)):  # every image, embedded
+        assert b64_of(data) in page
+    # 3 images + charts: FID bars, VAE loss, VAE val PSNR, leakage (aligned and offset in one)
+    assert page.count("<img") == 3 + 4
+    assert "http" not in re.sub(r'href="http[^"]*"', "", page).replace("http://127.0.0.1:5000", "")  # nothing remote
+    assert "VAE loss" in page and "Decoder leakage" in page and ">leak_radius_px<" in page
+    assert "Skipped" not in page and "decoder leak radius (px) (aligned)" in page
+    everything = json.loads((project.root / "reports/metrics.json").read_text())
+    assert everything["stages"]["sample"]["fid_ddim"] == 120.0
+    assert everything["fid"] == {"sample: ddim": {"fid": 120.0, "kid": 0.12}, "sample: ddpm": {"fid": 100.0, "kid": 0.1}}
+    assert all(r["matched_metrics"] for r in everything["mlflow_runs"].values())
+    assert everything["params"]["vae"]["decoder_kernel"] == 3
+    assert (project.root / "reports/fid.tsv").read_text() == "sampler\tfid\tkid\nsample: ddpm\t100\t0.1\nsample: ddim\t120\t0.12\n"
+    mlflow.set_tracking_uri(project.uri)
+    runs = mlflow.search_runs(experiment_names=["diffmodels"], filter_string="tags.stage = 'report'", output_format="list")
+    assert len(runs) == 1 and runs[0].data.metrics["fid.sample.ddim"] == 120.0
+
+
+def test_compare_page_takes_files_from_workspace_and_mlflow(project):
+    page = (project.root / "reports/compare.html").read_text()
+    exps = project.exps
+    main, k7 = exps
+    assert main.local == {"train_vae", "sample", "eval_leakage"} and k7.local == set()
+    assert all(ref.matched for ref in k7.runs.values()) and k7.runs["sample"].tags["dvc_exp_name"] == "k7"
+    for data in (png(60), png(61), png(200), png(201)):  # both experiments' images, k7's from MLflow artifacts
+        assert b64_of(data) in page
+    assert page.count(b64_of(png(7))) == 1 and "the same in all" in page
+    # params that differ: only vae.decoder_kernel; best FID marked in k7's row
+    summary = re.search(r'id="summary".*?</section>', page, re.S).group(0)
+    assert ">vae.decoder_kernel<" in summary and ">vae.se<" not in summary
+    best = re.findall(r'<td class="best">([^<]*)</td>', summary)
+    assert "50" in best and "22" in best  # fid_ddpm of k7 (100 / 2), val_psnr of k7 (20 + 2)
+    assert "q1 (queued)" in page
+    curves = re.search(r'id="curves".*?</section>', page, re.S).group(0)
+    assert curves.count("<img") == 4  # loss, val psnr, leakage aligned, leakage offset; two lines each
+
+
+@pytest.mark.skipif(browser.unavailable() is not None, reason=f"browser check: {browser.unavailable()}")
+def test_pages_render_in_chromium(project, tmp_path):
+    for name in ("index", "compare"):
+        check = browser.check_page(project.root / f"reports/{name}.html", tmp_path / f"{name}.png")
+        assert check.images and not check.broken_images, check.broken_images
+        assert not check.errors, check.errors
+        assert Image.open(tmp_path / f"{name}.png").size[0] == 1400
+
+
+@pytest.fixture(scope="module")
+def offline_template(tmp_path_factory):
+    pytest.importorskip("vl_convert")
+    from diffmodels import vega_offline
+
+    return vega_offline.build_template(tmp_path_factory.mktemp("vega") / "t.html")
+
+
+def test_offline_plots_template(offline_template):
+    from diffmodels import vega_offline
+
+    page = vega_offline.render_template("var x = '</script>';", {"vega": "6", "vega_lite": "5.21", "vega_embed": "7",
+                                                                 "vl_convert": "1"})
+    assert "{plot_divs}" in page and "{refresh_tag}" in page and "{scripts}" not in page  # no CDN tags from DVC
+    assert "<\\/script>" in page and "cdn" not in page
+    with pytest.raises(DiffmodelsError, match="placeholder"):
+        vega_offline.render_template("'{plot_divs}'", {})
+    text = offline_template.read_text()
+    assert len(text) > 300_000 and "window.vegaEmbed" in text and "{plot_divs}" in text
+    stamp = offline_template.stat().st_mtime_ns
+    assert vega_offline.build_template(offline_template).stat().st_mtime_ns == stamp  # cached while the version holds
+
+
+@pytest.mark.skipif(browser.unavailable() is not None, reason=f"browser check: {browser.unavailable()}")
+def test_dvc_plots_render_offline(offline_template, tmp_path):
+    """`python -m stages.plots show` in a tiny DVC repo: the vega chart draws with no network."""
+    import os
+    import subprocess
+    import sys
+
+    from diffmodels import vega_offline
+
+    repo = tmp_path / "repo"
+    write(repo / "dvc.yaml", "plots:\n  - loss.tsv:\n      x: step\n      y: loss\n")
+    write(repo / "loss.tsv", "step\tloss\n1\t1.0\n2\t0.5\n3\t0.25\n")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    write(repo / vega_offline.DEFAULT_PATH, offline_template.read_bytes())  # built once per module
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "stages.plots", "show", "-o", "plots"], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    page = repo / "plots/index.html"
+    assert "cdn.jsdelivr" not in page.read_text()
+    check = browser.check_page(page, tmp_path / "plots.png")
+    assert not check.errors, check.errors
+    assert check.graphics >= 1  # vega-embed drew its chart
+    drawn = np.asarray(Image.open(tmp_path / "plots.png").convert("L"))
+    assert drawn.min() < 100  # dark pixels: axes and a line were drawn, not a blank page
+
+
+def test_compare_falls_back_to_mlflow_when_workspace_files_are_gone(project, tmp_path):
+    """A fresh clone has the metrics (git) but not the figures (DVC cache): MLflow has them."""
+    workspace, exps, _ = compare.parse_exp_show(exp_show_rows(project.base, project.base, {"k7": project.k7}))
+    stages = {s.name: s for s in report.read_pipeline(project.root / "dvc.yaml")}
+    files = compare.Files(tmp_path, list(stages.values()), workspace, project.uri, report.stage_runs("diffmodels", project.uri))
+    main = exps[0]
+    files.attach(main)
+    assert "train_vae" in main.local  # its metrics equal the workspace's ...
+    recon = next(p for p in stages["train_vae"].plots if p.is_image)
+    assert files.listing(main, stages["train_vae"], recon) == {"reconstructions.png": png(60)}  # ... files from MLflow
