@@ -17,7 +17,13 @@ Same global batch, same trajectory
     resume state (data position, generator) is the same on every rank: rank 0's checkpoint
     resumes at any world size.
 
-Rank 0 alone writes outputs, checkpoints and metrics and logs to MLflow.
+    Not covered: dropout (``ddpm.dropout``, 0 by default) draws its masks from the global torch
+    RNG, seeded alike on every rank, so with dropout the ranks' masks repeat across shards and
+    differ from the one-process run's.
+
+Rank 0 alone writes outputs, checkpoints and metrics and logs to MLflow; the others wait for it
+at the next collective (validation, sample strips and checkpoints run on rank 0 alone, so no
+collective may hide in them: see :class:`diffmodels.latents.ReconMetrics`).
 """
 
 from __future__ import annotations
