@@ -4,9 +4,11 @@ Layout of a checkpoint written by :func:`save_checkpoint`:
 
 - tensors: flat ``{name: tensor}``; nested states (an optimizer's) are flattened to
   ``"optimizer/state/0/exp_avg"`` style names by :func:`split_tensors`;
-- metadata ``{"format": "diffmodels/1", "meta": <JSON>}``: the model config (so a checkpoint
-  rebuilds its model alone, as nanoGPT's do), the training step, RNG states and whatever the
-  caller adds, with tensors inside it replaced by references.
+- metadata ``{"diffmodels": <JSON {"format": "diffmodels/1", "meta": {...}}>}``: the model config
+  (so a checkpoint rebuilds its model alone, as nanoGPT's do), the training step, RNG states and
+  whatever the caller adds, with tensors inside it replaced by references. One key, so the file
+  is byte-identical for identical contents (safetensors orders several keys differently from
+  process to process). Files with the earlier ``{"format", "meta"}`` keys still load.
 
 No pickle is involved, so loading an untrusted file cannot run code. Writes are atomic
 (:mod:`diffmodels.io`), so a kill mid-save leaves the previous checkpoint intact.
@@ -28,6 +30,7 @@ from diffmodels.errors import CheckpointError
 from diffmodels.io import atomic_path
 
 FORMAT = "diffmodels/1"
+HEADER_KEY = "diffmodels"  # safetensors metadata key holding {"format": FORMAT, "meta": {...}} as JSON
 
 
 @dataclass
@@ -44,7 +47,9 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
     """
     # clone(): safetensors refuses tensors that share storage (tied weights, views).
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    header = {"format": FORMAT, "meta": json.dumps(meta, allow_nan=False)}
+    # One metadata key: safetensors stores the metadata map in a hash order that changes from
+    # process to process, so two keys would make identical weights hash differently (DVC reruns).
+    header = {HEADER_KEY: json.dumps({"format": FORMAT, "meta": meta}, allow_nan=False)}
     try:
         with atomic_path(path) as tmp:
             save_file(flat, str(tmp), metadata=header)
@@ -71,6 +76,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(
             f"{path}: not a readable safetensors checkpoint ({reason}); delete it and rerun the stage"
         ) from None
+    if HEADER_KEY in header:  # current layout; files written before it have "format" and "meta" keys
+        try:
+            header = {k: json.dumps(v) if k == "meta" else v for k, v in json.loads(header[HEADER_KEY]).items()}
+        except (json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"{path}: checkpoint header is damaged; delete it and rerun the stage") from None
     if header.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a diffmodels checkpoint (format {header.get('format')!r}, expected {FORMAT!r})"

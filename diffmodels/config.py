@@ -318,6 +318,13 @@ class SdParams:
 
 
 @dataclass(frozen=True)
+class DistributedParams:
+    # Data-parallel training of train_vae and train_ddpm (diffmodels/distributed.py)
+    nproc_per_node: Annotated[int, Range(ge=1, le=1024)]  # > 1: the stage re-runs itself under torchrun
+    backend: Literal["auto", "gloo", "nccl"]  # auto: nccl on CUDA, gloo on the CPU
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     experiment: str
     log_images: bool
@@ -335,6 +342,7 @@ class Params:
     leakage: LeakageParams
     eval: EvalParams
     sd: SdParams
+    distributed: DistributedParams
     tracking: TrackingParams
 
 
@@ -405,6 +413,12 @@ def _cross_checks(params: Params) -> list[str]:
     if levels and side % 2 ** (levels - 1):
         errors.append(f"ddpm.channel_mults has {levels} levels, which need a latent side divisible by "
                       f"{2 ** (levels - 1)}; data.resolution {params.data.resolution} gives {side} (stride 8)")
+    # Each training process takes an equal share of every global batch.
+    nproc = params.distributed.nproc_per_node
+    for key, batch in (("vae.batch_size", params.vae.batch_size), ("ddpm.batch_size", params.ddpm.batch_size)):
+        if batch % nproc:
+            errors.append(f"{key} {batch} must be a multiple of distributed.nproc_per_node {nproc} "
+                          "(each process takes an equal share of the batch)")
     return errors
 
 

@@ -34,12 +34,21 @@ def diffusion_loss(
     prediction: Prediction = "eps",
     cond_dropout: float = 0.0,
     null_label: int | None = None,
+    rows: slice | None = None,
 ) -> Tensor:
-    """Mean squared error of one batch of clean latents z0 (B, C, H, W); a scalar float32 tensor."""
+    """Mean squared error of one batch of clean latents z0 (B, C, H, W); a scalar float32 tensor.
+
+    With ``rows`` (data-parallel training, :mod:`diffmodels.distributed`) z0 and labels are the
+    whole global batch but only ``z0[rows]`` goes through the model: the noise is drawn for all
+    B rows, so ranks that share ``generator`` together take the one-process step.
+    """
     b, device = z0.shape[0], z0.device
     t = torch.randint(1, schedule.num_steps + 1, (b,), generator=generator).to(device)
     eps = torch.randn(z0.shape, generator=generator, dtype=torch.float32).to(device, z0.dtype)
     drop = torch.rand(b, generator=generator).to(device) < cond_dropout  # drawn always: same RNG stream
+    if rows is not None:
+        z0, t, eps, drop = z0[rows], t[rows], eps[rows], drop[rows]
+        labels = labels[rows] if labels is not None else None
     if labels is not None and cond_dropout > 0:
         if null_label is None:
             raise ValueError("cond_dropout > 0 needs the model's null_label")

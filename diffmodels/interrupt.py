@@ -102,16 +102,23 @@ class StopAtStepEnd:
             raise Interrupted(signum, "again: stopped at once; the last periodic checkpoint is kept")
         self.signum = signum
 
-    def step_done(self) -> None:
-        """Call at a step boundary: with a signal pending, save and raise :class:`Interrupted`."""
-        if self.signum is not None:
-            signum = self.signum
+    def step_done(self, agree: Callable[[bool], bool] | None = None) -> None:
+        """Call at a step boundary: with a signal pending, save and raise :class:`Interrupted`.
+
+        ``agree`` (several training processes, e.g. :meth:`diffmodels.distributed.World.any`)
+        turns this process's "a signal is pending" into "any process has one", so every process
+        stops after the same step; ``save`` then writes on rank 0 only."""
+        pending = self.signum is not None
+        if agree is not None:
+            pending = agree(pending)
+        if pending:
+            signum = self.signum if self.signum is not None else signal.SIGTERM
             self._restore()  # a signal during the save now stops at once
             raise Interrupted(signum, self.save())
 
-    def loop_done(self) -> None:
+    def loop_done(self, agree: Callable[[bool], bool] | None = None) -> None:
         """The loop has ended: honour a pending signal, then let signals act at once again."""
-        self.step_done()
+        self.step_done(agree)
         self._restore()
 
     def _restore(self) -> None:

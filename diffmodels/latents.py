@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from diffmodels.checkpoint import load_checkpoint, save_checkpoint
 from diffmodels.errors import DataError
@@ -74,8 +73,14 @@ class ReconMetrics:
     """Streaming PSNR (over the whole set) and mean SSIM of reconstructions, data_range=1."""
 
     def __init__(self) -> None:
-        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
-        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        # Imported here: torchmetrics pulls in transformers, half the start-up time of train_ddpm
+        # (which never computes these) and of each extra training process.
+        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+        # One process computes these (rank 0 under data-parallel training): torchmetrics would
+        # otherwise all-gather its state over the process group and wait for the other ranks.
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False)
 
     def update(self, images: np.ndarray | torch.Tensor, x_hat: torch.Tensor) -> None:
         """images uint8 (b, H, W, C); x_hat (b, C, H, W) in model range [-1, 1]."""

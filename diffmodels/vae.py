@@ -302,11 +302,13 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def forward(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reparameterised pass: returns (x_hat, mean, logvar); noise drawn from ``generator``."""
+        """Reparameterised pass: returns (x_hat, mean, logvar); noise ``eps`` (B, latent_channels,
+        H/8, W/8) given, or drawn from ``generator``."""
         mean, logvar = self.encode(x)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps  # z ~ q(z|x)
         return self.decode(z), mean, logvar
 

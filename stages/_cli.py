@@ -22,6 +22,7 @@ def stage_main(fn: Callable[[argparse.Namespace], None], parser: argparse.Argume
     @functools.wraps(fn)
     def main(argv: Sequence[str] | None = None) -> None:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for a stage that re-launches itself
         try:
             with signals_raise():
                 fn(args)

@@ -8,10 +8,16 @@ Resume: every ``ddpm.checkpoint_every`` steps the full training state (model, EM
 schedule, data order, RNG) goes to ``<checkpoints>/last.safetensors``, outside DVC's outs. A
 rerun with the same params, data and code continues from it; otherwise it starts fresh and says
 why. A non-finite loss stops the stage with the last good checkpoint kept.
+
+Data-parallel: with ``distributed.nproc_per_node`` > 1 the stage re-runs itself under torchrun
+(or run it under torchrun yourself); every process takes its share of each global batch of
+``ddpm.batch_size`` and rank 0 writes the outs, checkpoints and MLflow run
+(:mod:`diffmodels.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import resource
@@ -26,7 +32,7 @@ from tqdm import tqdm
 
 import diffmodels
 from diffmodels import latents as latent_cache
-from diffmodels import tracking
+from diffmodels import distributed, tracking
 from diffmodels.config import flatten, load_params
 from diffmodels.ddpm import EMA, diffusion_loss, save_denoiser
 from diffmodels.errors import DataError
@@ -45,7 +51,8 @@ from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "ddpm")
 CODE = [Path(__file__), *(Path(diffmodels.__file__).parent / m for m in
-                          ("ddpm.py", "unet.py", "serpentine.py", "ssm.py", "schedule.py", "samplers.py", "train.py"))]
+                          ("ddpm.py", "unet.py", "serpentine.py", "ssm.py", "schedule.py", "samplers.py", "train.py",
+                           "distributed.py"))]
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
 
 parser = base_parser(__doc__.splitlines()[0])
@@ -95,10 +102,21 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def run(args) -> None:
     params = load_params(args.params)
+    device, nproc = select_device(params.ddpm.device), params.distributed.nproc_per_node
+    if nproc > 1 and not distributed.under_launcher():
+        distributed.check_launch(device, nproc, params.distributed.backend)
+        distributed.launch("stages.train_ddpm", args.argv, nproc)
+        return
+    with distributed.initialized(device, params.distributed.backend) as world:
+        train(args, params, world)
+
+
+def train(args, params, world: distributed.World) -> None:
+    """Train in this process: the only one, or one rank of a torchrun group (rank 0 writes)."""
     p, seed = params.ddpm, params.seed
     started = time.perf_counter()
     torch.manual_seed(seed)
-    device = select_device(p.device)
+    device = world.device
     precision = Precision.from_mode(device, p.amp)
 
     # 1. data: cached posterior moments, scaled to unit variance
@@ -113,6 +131,8 @@ def run(args) -> None:
     # 2. model, EMA, optimiser, resumable state
     cfg = unet_config(p, tuple(mean.shape[1:]), num_classes)
     model = UNet(cfg).to(device)
+    world.check_batch(p.batch_size, "ddpm.batch_size")
+    forward = world.wrap(model)  # DDP when several processes; EMA and checkpoints use the plain module
     ema = EMA(model, p.ema_decay)
     schedule = NoiseSchedule.from_kind(p.schedule, p.num_steps, p.beta_start, p.beta_end).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
@@ -128,7 +148,10 @@ def run(args) -> None:
         "precision": precision.name,
     }
     ckpt_path = args.checkpoints / "last.safetensors"
-    print(f"train_ddpm: {resume(state, ckpt_path, fingerprint(inputs))}")
+    resumed = resume(state, ckpt_path, fingerprint(inputs))
+    world.check_same(state.step, "the step to resume from")
+    if world.main:
+        print(f"train_ddpm: {resumed}")
     start_step = state.step
     history: list[list[float]] = state.extra["history"]
     vae, _ = load_vae(args.vae, device)
@@ -149,51 +172,60 @@ def run(args) -> None:
             mlflow.log_artifact(str(path), artifact_path="samples")
 
     def checkpoint() -> str:
-        state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
+        if world.main:
+            state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
         return f"at step {state.step}: checkpoint saved to {ckpt_path}; rerun the stage to resume"
 
     stop = StopAtStepEnd(checkpoint)  # Ctrl-C / SIGTERM: save at the end of the step, then stop
-    with tracking.stage_run("train_ddpm", params, GROUPS), stop:
-        mlflow.set_tags({"resumed_from_step": start_step, "device": str(device), "precision": precision.name})
-        mlflow.log_params({"ddpm.num_parameters": num_params, "ddpm.num_classes": num_classes})
+    with tracking.stage_run("train_ddpm", params, GROUPS) if world.main else contextlib.nullcontext(), stop:
+        if world.main:
+            mlflow.set_tags({"resumed_from_step": start_step, "device": str(device), "precision": precision.name,
+                             "world_size": world.size})
+            mlflow.log_params({"ddpm.num_parameters": num_params, "ddpm.num_classes": num_classes,
+                               **flatten(params, ["distributed"])})
         bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="train_ddpm",
-                   unit="step", mininterval=1.0, disable=None)
+                   unit="step", mininterval=1.0, disable=None if world.main else True)
         loop_started, loop_start_step = time.perf_counter(), start_step
         for step in bar:
-            # 1. a batch of scaled latents: the posterior mean, or a sample from the posterior
+            # 1. a global batch of scaled latents (the same on every rank): the posterior mean, or a
+            #    sample from the posterior
             idx = state.sampler.next_batch()
             z0 = mean[idx]
             if p.latent_source == "sample":
                 z0 = z0 + (0.5 * logvar[idx]).exp() * torch.randn(z0.shape, generator=state.generator)
             z0 = (z0 * scale).to(device)
             y = labels[idx].to(device) if num_classes else None
-            # 2. the DDPM objective
+            # 2. the DDPM objective on this rank's rows (noise drawn for the whole global batch)
             with precision.autocast():
-                loss = diffusion_loss(model, schedule, z0, y, state.generator, prediction=p.prediction,
+                loss = diffusion_loss(forward, schedule, z0, y, state.generator, prediction=p.prediction,
                                       cond_dropout=p.cond_dropout if num_classes else 0.0,
-                                      null_label=model.null_label)
-            check_finite({"loss": loss}, step + 1, ckpt_path)
-            # 3. update, then the moving average
+                                      null_label=model.null_label, rows=world.rows(len(idx)))
+            global_loss = world.mean(loss.detach())
+            check_finite({"loss": global_loss}, step + 1, ckpt_path)
+            # 3. update (DDP averages the gradients over ranks), then the moving average
             lr = state.scheduler.get_last_lr()[0]
             grad_norm = backward_and_step(loss, model, optimizer, state.scheduler, p.grad_clip, precision.scaler)
             ema.update(model)
             state.step = step + 1
-            history.append([state.step, loss.item(), lr, grad_norm])
+            history.append([state.step, global_loss.item(), lr, grad_norm])
             bar.set_postfix(loss=f"{history[-1][1]:.4f}", refresh=False)
-            # 4. logging, sample strips, checkpoints
-            if state.step % p.log_every == 0:
+            # 4. logging, sample strips, checkpoints: rank 0 only
+            if world.main and state.step % p.log_every == 0:
                 mlflow.log_metrics({"loss": history[-1][1], "lr": lr, "grad_norm": grad_norm}, step=state.step)
-            if state.step % p.sample_every == 0 and state.step < p.steps:
+            if world.main and state.step % p.sample_every == 0 and state.step < p.steps:
                 log_samples(state.step)
             if state.step % p.checkpoint_every == 0 or state.step == args.stop_after:
                 checkpoint()
             if args.stop_after is not None and state.step >= args.stop_after:
                 bar.close()
-                print(f"train_ddpm: stopped after step {state.step} as asked; rerun to resume")
+                if world.main:
+                    print(f"train_ddpm: stopped after step {state.step} as asked; rerun to resume")
                 return
-            stop.step_done()
+            stop.step_done(agree=world.any)
         bar.close()
-        stop.loop_done()
+        stop.loop_done(agree=world.any)
+        if not world.main:
+            return
         steps_run = p.steps - loop_start_step
         steps_per_s = steps_run / max(time.perf_counter() - loop_started, 1e-9)
 
@@ -223,6 +255,7 @@ def run(args) -> None:
             "num_parameters": num_params,
             "num_classes": num_classes,
             "precision": precision.name,
+            "world_size": world.size,
             "seconds_this_run": round(time.perf_counter() - started, 1),
         }
         write_json(args.reports / "metrics.json", metrics)
@@ -234,7 +267,7 @@ def run(args) -> None:
         ckpt_path.unlink(missing_ok=True)  # finished: the weights are the out now
 
     print(
-        f"train_ddpm: {p.steps} steps ({start_step} resumed) on {device} {precision.name}, {p.mixer} mixer, "
+        f"train_ddpm: {p.steps} steps ({start_step} resumed) on {device} {precision.name}{world.label}, {p.mixer} mixer, "
         f"{num_params:,} params, loss {metrics['loss_last100']:.4f}, {metrics['latents_per_second']:.0f} latents/s "
         f"({metrics['seconds_this_run']:.0f}s)"
     )

@@ -7,10 +7,16 @@ Resume: every ``vae.checkpoint_every`` steps the full training state goes to
 ``<checkpoints>/last.safetensors`` (not a DVC out, so ``dvc repro`` does not delete it). A
 rerun with the same params, data and code continues from it; otherwise it starts fresh and
 says why. The checkpoint is removed once the outs are written.
+
+Data-parallel: with ``distributed.nproc_per_node`` > 1 the stage re-runs itself under torchrun
+(or run it under torchrun yourself); every process takes its share of each global batch of
+``vae.batch_size`` and rank 0 writes the outs, checkpoints and MLflow run
+(:mod:`diffmodels.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -22,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import diffmodels
-from diffmodels import tracking
+from diffmodels import distributed, tracking
 from diffmodels.config import flatten, load_params
 from diffmodels.data import load_split
 from diffmodels.errors import DataError
@@ -34,11 +40,11 @@ from diffmodels.train import (
     EpochSampler, Precision, TrainState, backward_and_step, check_finite, evaluating, file_digest,
     fingerprint, make_scheduler, resume, select_device,
 )
-from diffmodels.vae import VAE, VAEConfig, decoder_halo, num_parameters, save_vae, to_model_range, to_uint8, vae_loss
+from diffmodels.vae import GRID, VAE, VAEConfig, decoder_halo, num_parameters, save_vae, to_model_range, to_uint8, vae_loss
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "vae", "latents")
-CODE = [Path(__file__), *(Path(diffmodels.__file__).parent / m for m in ("vae.py", "train.py", "latents.py"))]
+CODE = [Path(__file__), *(Path(diffmodels.__file__).parent / m for m in ("vae.py", "train.py", "latents.py", "distributed.py"))]
 LOSS_COLUMNS = ("step", "loss", "recon", "kl", "lr", "grad_norm")
 
 parser = base_parser(__doc__.splitlines()[0])
@@ -63,10 +69,21 @@ def recon_grid(model: VAE, images: np.ndarray, device: torch.device, ncol: int =
 
 def run(args) -> None:
     params = load_params(args.params)
+    device, nproc = select_device(params.vae.device), params.distributed.nproc_per_node
+    if nproc > 1 and not distributed.under_launcher():
+        distributed.check_launch(device, nproc, params.distributed.backend)
+        distributed.launch("stages.train_vae", args.argv, nproc)
+        return
+    with distributed.initialized(device, params.distributed.backend) as world:
+        train(args, params, world)
+
+
+def train(args, params, world: distributed.World) -> None:
+    """Train in this process: the only one, or one rank of a torchrun group (rank 0 writes)."""
     p, seed = params.vae, params.seed
     started = time.perf_counter()
     torch.manual_seed(seed)
-    device = select_device(p.device)
+    device = world.device
     precision = Precision.choose(device, p.amp)
 
     manifest_path = args.prepared / "manifest.json"
@@ -81,6 +98,8 @@ def run(args) -> None:
 
     cfg = VAEConfig.from_params(p, in_channels=images.shape[3], latent_channels=params.latents.channels)
     model = VAE(cfg).to(device)
+    world.check_batch(min(p.batch_size, len(images)), "vae.batch_size")
+    forward = world.wrap(model)  # DDP when several processes; checkpoints keep the plain module
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     state = TrainState(
         model=model,
@@ -98,39 +117,54 @@ def run(args) -> None:
         "precision": precision.name,
     }
     ckpt_path = args.checkpoints / "last.safetensors"
-    print(f"train_vae: {resume(state, ckpt_path, fingerprint(inputs))}")
+    resumed = resume(state, ckpt_path, fingerprint(inputs))
+    world.check_same(state.step, "the step to resume from")
+    if world.main:
+        print(f"train_vae: {resumed}")
     start_step = state.step
     history: list[list[float]] = state.extra["history"]
     val_history: list[list[float]] = state.extra.setdefault("val_history", [])  # (step, psnr, ssim)
 
+    latent_shape = (cfg.latent_channels, images.shape[1] // GRID, images.shape[2] // GRID)
+    noise_dtype = precision.dtype or torch.float32  # the dtype of the encoder's output under autocast
+
     def checkpoint() -> str:
-        state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
+        if world.main:
+            state.save(ckpt_path, fingerprint(inputs), cfg.to_dict())
         return f"at step {state.step}: checkpoint saved to {ckpt_path}; rerun the stage to resume"
 
     stop = StopAtStepEnd(checkpoint)  # Ctrl-C / SIGTERM: save at the end of the step, then stop
-    with tracking.stage_run("train_vae", params, GROUPS), stop:
-        mlflow.set_tags({"resumed_from_step": start_step, "device": str(device), "precision": precision.name})
-        mlflow.log_params({"vae.num_parameters": num_parameters(model), "vae.decoder_halo_px": model.decoder.halo})
-        bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="train_vae", unit="step", mininterval=1.0)
+    with tracking.stage_run("train_vae", params, GROUPS) if world.main else contextlib.nullcontext(), stop:
+        if world.main:
+            mlflow.set_tags({"resumed_from_step": start_step, "device": str(device), "precision": precision.name,
+                             "world_size": world.size})
+            mlflow.log_params({"vae.num_parameters": num_parameters(model), "vae.decoder_halo_px": model.decoder.halo,
+                               **flatten(params, ["distributed"])})
+        bar = tqdm(range(start_step, p.steps), initial=start_step, total=p.steps, desc="train_vae", unit="step",
+                   mininterval=1.0, disable=not world.main)
         for step in bar:
-            # 1. a batch in model range
-            x = to_model_range(images[state.sampler.next_batch()]).to(device)  # (B, C, H, W)
-            # 2. reparameterised pass and loss
+            # 1. this process's rows of the global batch, in model range
+            idx = state.sampler.next_batch()  # (B,) the same global batch on every rank
+            rows = world.rows(len(idx))
+            x = to_model_range(images[idx[rows]]).to(device)  # (B / world, C, H, W)
+            # 2. reparameterised pass and loss; noise drawn for the global batch (one stream on every rank)
+            eps = torch.randn((len(idx), *latent_shape), generator=state.generator, device=device, dtype=noise_dtype)
             with precision.autocast():
-                x_hat, mean, logvar = model(x, state.generator)
+                x_hat, mean, logvar = forward(x, eps=eps[rows])
             losses = vae_loss(x, x_hat, mean, logvar, p.loss, p.beta_kl)
-            check_finite(losses, step + 1, ckpt_path)
-            # 3. update
+            global_losses = dict(zip(losses, world.mean(torch.stack(list(losses.values())).detach())))
+            check_finite(global_losses, step + 1, ckpt_path)
+            # 3. update (DDP averages the gradients over ranks)
             lr = state.scheduler.get_last_lr()[0]
             grad_norm = backward_and_step(losses["loss"], model, optimizer, state.scheduler, p.grad_clip, precision.scaler)
             state.step = step + 1
-            row = {k: v.item() for k, v in losses.items()} | {"lr": lr, "grad_norm": grad_norm}
+            row = {k: v.item() for k, v in global_losses.items()} | {"lr": lr, "grad_norm": grad_norm}
             history.append([state.step] + [row[c] for c in LOSS_COLUMNS[1:]])
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-            # 4. logging, validation, checkpoints
-            if state.step % p.log_every == 0:
+            # 4. logging, validation, checkpoints: rank 0 only
+            if world.main and state.step % p.log_every == 0:
                 mlflow.log_metrics(row, step=state.step)
-            if state.step % p.val_every == 0 and state.step < p.steps:
+            if world.main and state.step % p.val_every == 0 and state.step < p.steps:
                 val_metrics = reconstruction_metrics(model, val_images[: p.num_val_images], params.latents.batch_size, device)
                 mlflow.log_metrics({f"val_{k}": v for k, v in val_metrics.items()}, step=state.step)
                 val_history.append([state.step, val_metrics["psnr"], val_metrics["ssim"]])
@@ -139,11 +173,14 @@ def run(args) -> None:
                 checkpoint()
             if args.stop_after is not None and state.step >= args.stop_after:
                 bar.close()
-                print(f"train_vae: stopped after step {state.step} as asked; rerun to resume")
+                if world.main:
+                    print(f"train_vae: stopped after step {state.step} as asked; rerun to resume")
                 return
-            stop.step_done()
+            stop.step_done(agree=world.any)
         bar.close()
-        stop.loop_done()
+        stop.loop_done(agree=world.any)
+        if not world.main:
+            return
 
         # 5. final validation on the whole val split, through the same path cache_latents uses
         final = reconstruction_metrics(model, val_images, params.latents.batch_size, device)
@@ -163,6 +200,7 @@ def run(args) -> None:
             "decoder_halo_px": decoder_halo(cfg),
             "encoder_receptive_radius_px": model.encoder.receptive_radius,
             "precision": precision.name,
+            "world_size": world.size,
             "seconds_this_run": round(time.perf_counter() - started, 1),
         }
 
@@ -181,7 +219,7 @@ def run(args) -> None:
         ckpt_path.unlink(missing_ok=True)  # finished: the weights are the out now
 
     print(
-        f"train_vae: {p.steps} steps ({start_step} resumed) on {device} {precision.name}, "
+        f"train_vae: {p.steps} steps ({start_step} resumed) on {device} {precision.name}{world.label}, "
         f"{metrics['num_parameters']:,} params, val PSNR {final['psnr']:.2f} dB SSIM {final['ssim']:.4f} "
         f"({metrics['seconds_this_run']:.0f}s)"
     )

@@ -7,8 +7,9 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from diffmodels.checkpoint import join_tensors, load_checkpoint, load_module_state, save_checkpoint, split_tensors
+from diffmodels.checkpoint import FORMAT, join_tensors, load_checkpoint, load_module_state, save_checkpoint, split_tensors
 from diffmodels.errors import CheckpointError
 from diffmodels.io import atomic_dir, atomic_path, write_json, write_text
 
@@ -156,3 +157,20 @@ def test_load_module_state_lists_mismatches_in_one_line(tmp_path):
     assert "1 missing (0.bias)" in msg and "1 unexpected (extra.weight)" in msg
     assert "1 wrong shape (2.weight (3, 3) vs (2, 4))" in msg
     assert "\n" not in msg
+
+
+def test_checkpoints_of_equal_contents_are_byte_identical_across_processes(tmp_path):
+    """DVC hashes outs: identical weights must give identical files, whichever process wrote them."""
+    code = ("import sys, torch; from diffmodels.checkpoint import save_checkpoint; "
+            "save_checkpoint(sys.argv[1], {'w': torch.arange(4.0), 'b': torch.ones(2)}, {'step': 3, 'cfg': {'a': 1, 'b': [2]}})")
+    digests = set()
+    for i in range(4):  # safetensors' metadata order varies with each process's hash seed
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env={**os.environ, "PYTHONHASHSEED": str(i)})
+        digests.add(path.read_bytes())
+    assert len(digests) == 1
+
+
+def test_checkpoints_in_the_earlier_two_key_layout_still_load(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "old.safetensors"), metadata={"format": FORMAT, "meta": json.dumps({"step": 5})})
+    assert load_checkpoint(tmp_path / "old.safetensors").meta == {"step": 5}
