@@ -176,7 +176,7 @@ def test_queued_experiment_records_into_the_main_store(project):
         time.sleep(2)
     assert "Success" in status, status
     logged = {r.data.tags["stage"]: r for r in runs(project) if r.data.tags.get("dvc_exp_name") == "res32"}
-    assert set(STAGES) <= set(logged)
+    assert set(STAGES) - {"convert_sd"} <= set(logged), "everything downstream of the data reruns"
     assert logged["prepare"].data.params["data.resolution"] == "32"
     run = logged["train_ddpm"]
     assert run.data.params["ddpm.mixer"] == "none" and run.info.status == "FINISHED"

@@ -91,7 +91,9 @@ def fake_reports(root: Path, scale: float, color: int) -> dict[str, dict]:
 def log_runs(root: Path, metrics: dict[str, dict], exp_name: str | None) -> None:
     """Stage runs as the stages log them: flattened metrics, metrics.json and plot files as artifacts."""
     experiment = mlflow.get_experiment_by_name("diffmodels")
-    eid = experiment.experiment_id if experiment else mlflow.create_experiment("diffmodels")
+    # an explicit artifact location, as tracking.stage_run gives it: else artifacts land in ./mlruns
+    eid = experiment.experiment_id if experiment else mlflow.create_experiment(
+        "diffmodels", artifact_location=(root.parent / "mlartifacts").as_uri())
     for stage in ("train_vae", "sample", "eval_leakage"):
         tags = {"stage": stage, "pipeline_id": "p", **({"dvc_exp_name": exp_name} if exp_name else {})}
         with mlflow.start_run(experiment_id=eid, run_name=stage, tags=tags):
