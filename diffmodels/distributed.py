@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +176,18 @@ def check_launch(device: torch.device, nproc: int, backend: str) -> None:
             f"distributed.nproc_per_node {nproc} is more than the {torch.cuda.device_count()} visible GPUs; "
             "lower it (one process per GPU)"
         )
+
+
+def run_training(module: str, argv: Sequence[str], device: torch.device, nproc: int, backend: str,
+                 train: Callable[[World], None]) -> None:
+    """A training stage's entry: with ``nproc`` > 1 and no launcher yet, re-run ``module`` under
+    torchrun (:func:`launch`); otherwise ``train(world)`` in this process, alone or as one rank."""
+    if nproc > 1 and not under_launcher():
+        check_launch(device, nproc, backend)
+        launch(module, argv, nproc)
+        return
+    with initialized(device, backend) as world:
+        train(world)
 
 
 def launch(module: str, argv: Sequence[str], nproc: int) -> None:

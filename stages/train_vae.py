@@ -69,13 +69,9 @@ def recon_grid(model: VAE, images: np.ndarray, device: torch.device, ncol: int =
 
 def run(args) -> None:
     params = load_params(args.params)
-    device, nproc = select_device(params.vae.device), params.distributed.nproc_per_node
-    if nproc > 1 and not distributed.under_launcher():
-        distributed.check_launch(device, nproc, params.distributed.backend)
-        distributed.launch("stages.train_vae", args.argv, nproc)
-        return
-    with distributed.initialized(device, params.distributed.backend) as world:
-        train(args, params, world)
+    d = params.distributed
+    distributed.run_training("stages.train_vae", args.argv, select_device(params.vae.device), d.nproc_per_node, d.backend,
+                             lambda world: train(args, params, world))
 
 
 def train(args, params, world: distributed.World) -> None:

@@ -137,19 +137,20 @@ class LeakageProfile:
 # --------------------------------------------------------------------------------------------
 
 
+def _others_or_random(x: Tensor, num: int, draw: Callable[[], Tensor]) -> Tensor:
+    """(num, *x.shape): odd r another item of the batch (x rolled by 1, 2, ...), even r (and every r
+    when B = 1) ``draw()``, called in order so a seeded generator gives the same draws."""
+    b = x.shape[0]
+    return torch.stack([x.roll(1 + (r // 2) % (b - 1), dims=0) if r % 2 == 1 and b > 1 else draw() for r in range(num)])
+
+
 def latent_replacements(
     z: Tensor, num: int, *, scale_factor: float = 1.0, generator: torch.Generator | None = None
 ) -> Tensor:
     """R = ``num`` replacement latents (R, B, C, h, w) for the hole tiles of unscaled latents z:
     even r random normal latents N(0, I) / scale_factor (unit variance where the denoiser works),
     odd r the latent of another image of the batch (z rolled by 1, 2, ...; normal if B = 1)."""
-    out = []
-    for r in range(num):
-        if r % 2 == 1 and z.shape[0] > 1:
-            out.append(z.roll(1 + (r // 2) % (z.shape[0] - 1), dims=0))
-        else:
-            out.append(torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) / scale_factor)
-    return torch.stack(out)
+    return _others_or_random(z, num, lambda: torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) / scale_factor)
 
 
 @torch.no_grad()
@@ -194,13 +195,7 @@ def leakage_scalars(profile: LeakageProfile) -> dict[str, float]:
 def hole_fills(images: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
     """R = ``num`` hole contents (R, B, C, H, W) in [-1, 1]: even r uniform noise, odd r another
     image of the batch (rolled by 1, 2, ...; noise if B = 1)."""
-    out = []
-    for r in range(num):
-        if r % 2 == 1 and images.shape[0] > 1:
-            out.append(images.roll(1 + (r // 2) % (images.shape[0] - 1), dims=0))
-        else:
-            out.append((torch.rand(images.shape, generator=generator) * 2 - 1).to(images.device, images.dtype))
-    return torch.stack(out)
+    return _others_or_random(images, num, lambda: (torch.rand(images.shape, generator=generator) * 2 - 1).to(images.device, images.dtype))
 
 
 @torch.no_grad()
