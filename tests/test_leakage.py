@@ -11,6 +11,7 @@ from torchmetrics.image import StructuralSimilarityIndexMeasure
 from diffmodels.inpaint import upsample_tiles
 from diffmodels.metrics.fidelity import masked_mae, masked_psnr, masked_ssim, preserved_fidelity, ssim_map
 from diffmodels.metrics.leakage import (
+    _others_or_random,
     LEVEL,
     LeakageProfile,
     binned_mean,
@@ -317,3 +318,51 @@ def test_seam_score_is_one_for_the_image_itself_and_rises_for_a_visible_patch():
     softer = torch.where(hole[:, None], x + 0.1, x)  # a smaller step at the edge
     assert 1.0 < float(seam_score(softer, x, hole)) < float(seam_score(patched, x, hole))
     assert math.isnan(float(seam_score(x, x, torch.zeros(1, 16, 16, dtype=torch.bool)))), "no boundary, no seam"
+
+
+@pytest.mark.parametrize("num_images, num_sets", [(1, 2), (2, 2), (2, 4), (3, 2)])
+def test_vae_leakage_never_replaces_an_image_by_itself(num_images, num_sets):
+    """The batch holds each image once per mask set; a replacement must still be another image
+    or random, for every item and every sample: the hole's latents (decoder) and pixels (encoder)
+    always change. (Rolling the repeated batch by a multiple of the image count gave an item its
+    own image: with 1 image half the samples, with 2 images one in four, measured zero change.)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(num_images, 1, 48, 48, generator=g, dtype=torch.float64) * 2 - 1
+    masks = {f"set{i}_aligned": aligned_hole(batch=num_images).numpy() for i in range(num_sets)}
+    decoded, encoded = [], []
+
+    def decode(z):
+        decoded.append(z)
+        return tile_decoder(z)
+
+    def encode(im):
+        encoded.append(im)
+        return F.avg_pool2d(im, 8).repeat(1, 3, 1, 1)
+
+    vae_leakage(encode, decode, x, masks, samples=6, generator=torch.Generator().manual_seed(1))
+    hole = torch.from_numpy(np.concatenate(list(masks.values())))  # (num_sets * B, 48, 48)
+    tiles = hole[:, None, ::8, ::8]
+    base_z, *replaced_z = decoded
+    base_x, *replaced_x = encoded[1:]  # encoded[0]: the latents the decoder profile starts from
+    assert len(replaced_z) == len(replaced_x) == 6
+    for r, (z_r, x_r) in enumerate(zip(replaced_z, replaced_x)):
+        dz = (z_r - base_z).abs().where(tiles, 0).flatten(1).amax(1)  # (items,)
+        dx = (x_r - base_x).abs().where(hole[:, None], 0).flatten(1).amax(1)
+        assert (dz > 0).all(), f"sample {r}: some item's hole latents were replaced by its own"
+        assert (dx > 0).all(), f"sample {r}: some item's hole pixels were replaced by its own"
+
+
+def test_replacements_follow_image_ids_and_keep_the_plain_roll_without_them():
+    x = torch.arange(6.0).view(6, 1)
+    draws = iter(torch.full((6, 1), -float(i)) for i in range(1, 10))
+    plain = _others_or_random(x, 4, lambda: next(draws))
+    assert torch.equal(plain[1], x.roll(1, 0)) and torch.equal(plain[3], x.roll(2, 0))
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])  # 3 images, 2 mask sets
+    by_id = _others_or_random(x[[0, 1, 2, 0, 1, 2]], 6, lambda: next(draws), ids)
+    assert by_id[1].flatten().tolist() == [2, 0, 1, 2, 0, 1]
+    assert by_id[3].flatten().tolist() == [1, 2, 0, 1, 2, 0]
+    assert by_id[5].flatten().tolist() == [2, 0, 1, 2, 0, 1], "shifts cycle over the 2 other images"
+    single = _others_or_random(x[:1].repeat(3, 1), 2, lambda: torch.full((3, 1), 7.0), torch.zeros(3))
+    assert (single == 7).all(), "one image: every replacement is random"
+    with pytest.raises(ValueError, match="one id per item"):
+        _others_or_random(x, 2, lambda: x, torch.zeros(5))

@@ -137,20 +137,47 @@ class LeakageProfile:
 # --------------------------------------------------------------------------------------------
 
 
-def _others_or_random(x: Tensor, num: int, draw: Callable[[], Tensor]) -> Tensor:
-    """(num, *x.shape): odd r another item of the batch (x rolled by 1, 2, ...), even r (and every r
-    when B = 1) ``draw()``, called in order so a seeded generator gives the same draws."""
+def _others_or_random(x: Tensor, num: int, draw: Callable[[], Tensor], image_ids: Tensor | None = None) -> Tensor:
+    """(num, *x.shape) replacements for the items of ``x``: odd r the content of *another* image,
+    even r (and every r when the batch holds a single image) ``draw()``, called in order so a
+    seeded generator gives the same draws.
+
+    ``image_ids`` (B,) says which image each item shows (default: all different). A batch that
+    holds each image once per mask set must say so: rolling it by a multiple of the image count
+    would hand an item its own image, a replacement that changes nothing. So the roll is over
+    distinct images: at odd r, an item of image k gets image (k - s) mod n, s = 1, 2, ..., n - 1
+    in turn, for n distinct images (with all ids different, ``x.roll(s, dims=0)``)."""
     b = x.shape[0]
-    return torch.stack([x.roll(1 + (r // 2) % (b - 1), dims=0) if r % 2 == 1 and b > 1 else draw() for r in range(num)])
+    ids = torch.arange(b) if image_ids is None else torch.as_tensor(image_ids).cpu()
+    if ids.shape != (b,):
+        raise ValueError(f"image_ids must have one id per item, shape ({b},), got {tuple(ids.shape)}")
+    distinct, index = torch.unique(ids, return_inverse=True)  # index[i] in 0..n-1
+    n = len(distinct)
+    first = torch.zeros(n, dtype=torch.long).scatter_reduce(0, index, torch.arange(b), "amin", include_self=False)
+    out = []
+    for r in range(num):
+        if r % 2 == 1 and n > 1:
+            shift = 1 + (r // 2) % (n - 1)
+            out.append(x[first[(index - shift) % n].to(x.device)])
+        else:
+            out.append(draw())
+    return torch.stack(out)
 
 
 def latent_replacements(
-    z: Tensor, num: int, *, scale_factor: float = 1.0, generator: torch.Generator | None = None
+    z: Tensor,
+    num: int,
+    *,
+    scale_factor: float = 1.0,
+    generator: torch.Generator | None = None,
+    image_ids: Tensor | None = None,
 ) -> Tensor:
     """R = ``num`` replacement latents (R, B, C, h, w) for the hole tiles of unscaled latents z:
     even r random normal latents N(0, I) / scale_factor (unit variance where the denoiser works),
-    odd r the latent of another image of the batch (z rolled by 1, 2, ...; normal if B = 1)."""
-    return _others_or_random(z, num, lambda: torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) / scale_factor)
+    odd r the latent of another image of the batch (normal if the batch holds one image;
+    ``image_ids`` as :func:`_others_or_random`)."""
+    return _others_or_random(
+        z, num, lambda: torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) / scale_factor, image_ids)
 
 
 @torch.no_grad()
@@ -192,10 +219,14 @@ def leakage_scalars(profile: LeakageProfile) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def hole_fills(images: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+def hole_fills(
+    images: Tensor, num: int, generator: torch.Generator | None = None, *, image_ids: Tensor | None = None
+) -> Tensor:
     """R = ``num`` hole contents (R, B, C, H, W) in [-1, 1]: even r uniform noise, odd r another
-    image of the batch (rolled by 1, 2, ...; noise if B = 1)."""
-    return _others_or_random(images, num, lambda: (torch.rand(images.shape, generator=generator) * 2 - 1).to(images.device, images.dtype))
+    image of the batch (noise if the batch holds one image; ``image_ids`` as :func:`_others_or_random`)."""
+    return _others_or_random(
+        images, num, lambda: (torch.rand(images.shape, generator=generator) * 2 - 1).to(images.device, images.dtype),
+        image_ids)
 
 
 @torch.no_grad()
@@ -278,13 +309,14 @@ def vae_leakage(
     for alignment in dict.fromkeys(mask_alignment(s) for s in masks):
         sets = [s for s in masks if mask_alignment(s) == alignment]
         hole = torch.cat([torch.as_tensor(masks[s][:b]) for s in sets])
-        x = images.repeat(len(sets), 1, 1, 1)
+        x = images.repeat(len(sets), 1, 1, 1)  # each image once per mask set
+        ids = torch.arange(b).repeat(len(sets))  # so replacements come from other images, never the same one
         z = encode(x)
+        replacements = latent_replacements(z, samples, scale_factor=scale_factor, generator=generator, image_ids=ids)
         decoder[alignment] = decoder_leakage(
-            decode, z, hole, latent_replacements(z, samples, scale_factor=scale_factor, generator=generator),
-            mask_policy=mask_policy, max_distance=MAX_DISTANCE_PX)
-        encoder[alignment] = encoder_leakage(
-            encode, x, hole, hole_fills(x, samples, generator=generator), max_distance=MAX_DISTANCE_TILES)
+            decode, z, hole, replacements, mask_policy=mask_policy, max_distance=MAX_DISTANCE_PX)
+        fills = hole_fills(x, samples, generator=generator, image_ids=ids)
+        encoder[alignment] = encoder_leakage(encode, x, hole, fills, max_distance=MAX_DISTANCE_TILES)
     return VaeLeakage(decoder, encoder)
 
 
