@@ -43,12 +43,7 @@ def worker(args: argparse.Namespace) -> None:
         device, precision = world.device, Precision.from_mode(world.device, p.amp)
         torch.manual_seed(0)
         side, channels = params.data.resolution // 8, params.latents.channels
-        model = UNet(UNetConfig(
-            in_channels=channels, latent_size=side, base_channels=p.base_channels, channel_mults=tuple(p.channel_mults),
-            blocks_per_level=p.blocks_per_level, mixer=p.mixer, mixer_downsample=tuple(p.mixer_downsample),
-            num_classes=NUM_CLASSES, dropout=p.dropout, norm_groups=p.norm_groups, attention_heads=p.attention_heads,
-            serpentine_directions=p.scan_directions, serpentine_merge=p.scan_merge, serpentine_state=p.ssm_state,
-        )).to(device)
+        model = UNet(UNetConfig.from_params(p, in_channels=channels, latent_size=side, num_classes=NUM_CLASSES)).to(device)
         forward, ema = world.wrap(model), EMA(model, p.ema_decay)
         optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr)
         scheduler = make_scheduler(optimizer, 1, args.warmup + args.steps + 1)

@@ -28,12 +28,8 @@ MIXERS = ("serpentine", "attention", "none")
 
 def build(p, mixer: str, size: int, channels: int, device: torch.device) -> UNet:
     levels = len(p.channel_mults)
-    cfg = UNetConfig(
-        in_channels=channels, latent_size=size, base_channels=p.base_channels, channel_mults=tuple(p.channel_mults),
-        blocks_per_level=p.blocks_per_level, mixer=mixer, mixer_downsample=tuple(2**i for i in range(levels)),
-        num_classes=10, norm_groups=p.norm_groups, attention_heads=p.attention_heads,
-        serpentine_directions=p.scan_directions, serpentine_merge=p.scan_merge, serpentine_state=p.ssm_state,
-    )
+    cfg = UNetConfig.from_params(p, in_channels=channels, latent_size=size, num_classes=10, mixer=mixer,
+                                 mixer_downsample=tuple(2**i for i in range(levels)), dropout=0.0)
     return UNet(cfg).to(device)
 
 

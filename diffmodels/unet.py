@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,24 +63,84 @@ class UNetConfig:
         d["mixer_downsample"] = tuple(d["mixer_downsample"])
         return cls(**d)
 
+    @classmethod
+    def from_params(cls, p: Any, *, in_channels: int, latent_size: int, num_classes: int, **overrides: Any) -> UNetConfig:
+        """The UNet that ``params.yaml``'s ``ddpm`` group describes (``p``: its typed params), for
+        latents (``in_channels``, ``latent_size`` x ``latent_size``); ``overrides`` replace fields
+        (a benchmark's mixer, say)."""
+        fields = dict(
+            in_channels=in_channels, latent_size=latent_size, base_channels=p.base_channels,
+            channel_mults=tuple(p.channel_mults), blocks_per_level=p.blocks_per_level, mixer=p.mixer,
+            mixer_downsample=tuple(p.mixer_downsample), num_classes=num_classes, dropout=p.dropout,
+            norm_groups=p.norm_groups, attention_heads=p.attention_heads, serpentine_directions=p.scan_directions,
+            serpentine_merge=p.scan_merge, serpentine_state=p.ssm_state,
+        )
+        return cls(**{**fields, **overrides})
+
     @property
     def resolutions(self) -> tuple[int, ...]:
         return tuple(self.latent_size // 2**i for i in range(len(self.channel_mults)))
 
-    def check(self) -> None:
+    def context_widths(self) -> list[int]:
+        """Channel widths of the levels that get context blocks: those in ``mixer_downsample``,
+        and the middle (the last level) always; empty for ``mixer='none'``."""
+        if self.mixer == "none":
+            return []
+        levels = range(len(self.channel_mults))
+        picked = [i for i in levels if 2**i in self.mixer_downsample] + [len(self.channel_mults) - 1]
+        return sorted({self.base_channels * self.channel_mults[i] for i in picked})
+
+    def problems(self) -> list[str]:
+        """Every constraint this network puts on its config, broken, as one line each naming the
+        ``ddpm`` key to change (empty when it can be built). Params validation asks this too, so
+        a width the scan cannot split into heads fails at load, not deep inside the SSM."""
+        errors = []
         levels = len(self.channel_mults)
         if self.latent_size % 2 ** (levels - 1):
-            raise ValueError(
-                f"latent size {self.latent_size} must be divisible by 2^{levels - 1} = {2 ** (levels - 1)} "
-                f"for {levels} UNet levels (change ddpm.channel_mults or data.resolution)"
-            )
+            errors.append(f"latent size {self.latent_size} must be divisible by 2^{levels - 1} = {2 ** (levels - 1)} "
+                          f"for {levels} UNet levels (change ddpm.channel_mults or data.resolution)")
         factors = [2**level for level in range(levels)]
         unknown = sorted(set(self.mixer_downsample) - set(factors))
         if unknown:
-            raise ValueError(f"ddpm.mixer_downsample lists {unknown}; the UNet's {levels} levels have factors {factors}")
-        for mult in self.channel_mults:
-            if (self.base_channels * mult) % self.norm_groups:
-                raise ValueError(f"channels {self.base_channels * mult} must be a multiple of norm groups {self.norm_groups}")
+            errors.append(f"ddpm.mixer_downsample lists {unknown}; the UNet's {levels} levels have factors {factors}")
+        widths = [self.base_channels * m for m in self.channel_mults]
+        bad = [c for c in widths if c % self.norm_groups]
+        if bad:
+            errors.append(f"ddpm.norm_groups {self.norm_groups} must divide every level's width "
+                          f"(ddpm.base_channels x ddpm.channel_mults: {bad[0]} is not a multiple)")
+        if unknown:  # the context levels are not defined
+            return errors
+        if self.mixer == "attention":
+            bad = [c for c in self.context_widths() if c % self.attention_heads]
+            if bad:
+                errors.append(f"ddpm.attention_heads {self.attention_heads} must divide the width of every level "
+                              f"with attention ({bad[0]} is not a multiple); change ddpm.attention_heads or ddpm.base_channels")
+        if self.mixer == "serpentine":
+            bad = [c for c in self.context_widths() if (SSM_EXPAND * c) % serpentine_headdim(c)]
+            if bad:
+                c = bad[0]
+                errors.append(f"ddpm.base_channels {self.base_channels}: the serpentine block at width {c} splits "
+                              f"{SSM_EXPAND * c} SSM channels into heads of {serpentine_headdim(c)}, which needs "
+                              f"every context width to be below {SSM_HEADDIM // SSM_EXPAND} or a multiple of "
+                              f"{SSM_HEADDIM // SSM_EXPAND} (e.g. ddpm.base_channels 16 or 32)")
+        return errors
+
+    def check(self) -> None:
+        """Raise ValueError with every broken constraint (:meth:`problems`)."""
+        errors = self.problems()
+        if errors:
+            raise ValueError("; ".join(errors))
+
+
+# The serpentine blocks' SSM: SSM_EXPAND x the block's width in channels, in heads of up to
+# SSM_HEADDIM (Mamba-2's head size); narrow blocks use one head per two channels' worth.
+SSM_EXPAND = 2
+SSM_HEADDIM = 32
+
+
+def serpentine_headdim(channels: int) -> int:
+    """Head size of the SSM in a serpentine block of ``channels`` width."""
+    return min(SSM_HEADDIM, SSM_EXPAND * channels)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -190,7 +250,8 @@ class UNet(nn.Module):
             family=default_family(self._n_context),
             merge=cfg.serpentine_merge,
             d_state=cfg.serpentine_state,
-            headdim=min(32, 2 * channels),
+            headdim=serpentine_headdim(channels),
+            expand=SSM_EXPAND,
             norm_groups=cfg.norm_groups,
         )
         self._n_context += 1

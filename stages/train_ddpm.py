@@ -70,12 +70,7 @@ def unet_config(p, latent_shape: tuple[int, int, int], num_classes: int) -> UNet
     c, h, w = latent_shape
     if h != w:
         raise DataError(f"latents are {h}x{w}; the denoiser needs square latents (data.resolution is square)")
-    return UNetConfig(
-        in_channels=c, latent_size=h, base_channels=p.base_channels, channel_mults=tuple(p.channel_mults),
-        blocks_per_level=p.blocks_per_level, mixer=p.mixer, mixer_downsample=tuple(p.mixer_downsample),
-        num_classes=num_classes, dropout=p.dropout, norm_groups=p.norm_groups, attention_heads=p.attention_heads,
-        serpentine_directions=p.scan_directions, serpentine_merge=p.scan_merge, serpentine_state=p.ssm_state,
-    )
+    return UNetConfig.from_params(p, in_channels=c, latent_size=h, num_classes=num_classes)
 
 
 @torch.no_grad()

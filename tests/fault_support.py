@@ -59,10 +59,8 @@ def tiny_workdir(root: Path, ddpm: dict | None = None) -> Path:
     write_json(root / "latents" / "manifest.json", {"scale_factor": scale})
 
     p = params.ddpm
-    cfg = UNetConfig(in_channels=params.latents.channels, latent_size=2, base_channels=p.base_channels,
-                     channel_mults=tuple(p.channel_mults), blocks_per_level=p.blocks_per_level, mixer=p.mixer,
-                     mixer_downsample=tuple(p.mixer_downsample), num_classes=0, norm_groups=p.norm_groups,
-                     serpentine_state=p.ssm_state)
+    cfg = UNetConfig.from_params(p, in_channels=params.latents.channels, latent_size=2, num_classes=0,
+                                 attention_heads=4, serpentine_directions=2, serpentine_merge="mean", dropout=0.0)
     unet = UNet(cfg)
     save_denoiser(root / "ddpm.safetensors", unet, EMA(unet, 0.9), {
         "unet": cfg.to_dict(), "prediction": p.prediction, "scale_factor": scale, "class_names": [],

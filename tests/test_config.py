@@ -111,3 +111,37 @@ def test_flatten_uses_dotted_names_and_filters_groups():
 def test_params_yaml_declares_every_schema_group():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert set(raw) == {f.name for f in dataclasses.fields(Params)}
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"ddpm.base_channels": 24}, "ddpm.base_channels 24"),  # SSM width 48 does not split into heads of 32
+    ({"ddpm.mixer": "attention", "ddpm.attention_heads": 3}, "ddpm.attention_heads 3"),
+    ({"ddpm.norm_groups": 5}, "ddpm.norm_groups 5"),
+    ({"ddpm.mixer_downsample": [4]}, "ddpm.mixer_downsample lists [4]"),
+    ({"ddpm.channel_mults": [1, 2, 2, 2, 2]}, "change ddpm.channel_mults or data.resolution"),
+])
+def test_networks_that_cannot_be_built_fail_at_load_naming_the_key(overrides, key):
+    """The denoiser's constraints are checked with the params, not deep inside the SSM."""
+    msg = error_of(overrides)
+    assert key in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_params_that_validate_build_a_unet_and_params_that_fail_do_not():
+    """problems() is exactly the set of configs UNet rejects, over a grid of widths and heads."""
+    import torch
+
+    from diffmodels.unet import UNet, UNetConfig
+
+    base = parse_params(params_with()).ddpm
+    for mixer in ("serpentine", "attention"):
+        for width in (8, 12, 16, 20, 24, 40, 48):
+            for heads in (1, 3, 4):
+                cfg = UNetConfig.from_params(base, in_channels=2, latent_size=4, num_classes=0, mixer=mixer,
+                                             base_channels=width, norm_groups=4, attention_heads=heads)
+                torch.manual_seed(0)
+                try:
+                    UNet(cfg)
+                    built = True
+                except ValueError:
+                    built = False
+                assert built == (not cfg.problems()), (mixer, width, heads, cfg.problems())
