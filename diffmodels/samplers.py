@@ -24,6 +24,7 @@ from torch import Tensor
 from diffmodels.schedule import NoiseSchedule, Prediction, extract
 
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+FinalAlphaBar = Literal["one", "first"]  # where DDIM's last step lands: alpha_bar_0 = 1 or alpha_bar_1
 
 
 @dataclass
@@ -89,19 +90,32 @@ def ddim_steps(
     prediction: Prediction = "eps",
     generator: torch.Generator | None = None,
     timesteps: list[int] | None = None,
+    final_alpha_bar: FinalAlphaBar = "one",
 ) -> Iterator[Step]:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12):
 
         z_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma n
         sigma  = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
 
-    over ``timesteps`` (default :func:`ddim_timesteps`), the last step landing on t = 0 where
-    alpha_bar_0 = 1. eta = 0 is deterministic; eta = 1 matches DDPM's posterior variance.
-    Noise is drawn only when sigma > 0.
+    over ``timesteps`` (default :func:`ddim_timesteps`). eta = 0 is deterministic; eta = 1
+    matches DDPM's posterior variance. Noise is drawn only when sigma > 0.
+
+    The last step lands on ``final_alpha_bar``:
+
+    "one"    t_prev = 0, alpha_bar_0 = 1: the step returns the x0 estimate (diffusers:
+             ``set_alpha_to_one=True``).
+    "first"  t_prev = 1, alpha_bar_1 = 1 - beta_1: where LDM's DDIM sampler and SD v1's scheduler
+             stop (diffusers: ``set_alpha_to_one=False``, i.e. ``final_alpha_cumprod =
+             alphas_cumprod[0]``), since their 0-based step 0 is the first noisy training step.
     """
+    if final_alpha_bar not in ("one", "first"):
+        raise ValueError(f"final_alpha_bar must be 'one' or 'first', got {final_alpha_bar!r}")
+    # "one" is right for our own DDPM: our schedule defines step 0 as the clean latent, so landing
+    # on alpha_bar_0 = 1 returns the x0 estimate. "first" is for models trained on LDM's schedule.
+    t_end = 0 if final_alpha_bar == "one" else 1
     ts = timesteps or ddim_timesteps(num_steps, schedule.num_steps)
     for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else 0
+        t_prev = ts[i + 1] if i + 1 < len(ts) else t_end
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps, x0 = schedule.to_eps_x0(x, tt, denoise_fn(x, tt), prediction)
         a_t, a_prev = schedule.alpha_bar[t], schedule.alpha_bar[t_prev]

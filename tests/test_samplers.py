@@ -96,8 +96,9 @@ def patch64(ref, schedule):
     ref.betas = schedule.betas[1:].clone()
     ref.alphas = 1.0 - ref.betas
     ref.alphas_cumprod = torch.cumprod(ref.alphas, dim=0)
-    if hasattr(ref, "final_alpha_cumprod"):
-        ref.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    if hasattr(ref, "final_alpha_cumprod"):  # DDIM's last alpha_bar_prev: 1, or alphas_cumprod[0]
+        one = torch.tensor(1.0, dtype=torch.float64)
+        ref.final_alpha_cumprod = one if ref.config.set_alpha_to_one else ref.alphas_cumprod[0]
     return ref
 
 
@@ -145,6 +146,38 @@ def test_ddim_trajectory_matches_diffusers(eta):
         x = out.prev_sample if not last else out.pred_original_sample  # diffusers' last step lands on alpha_bar = 1
         assert (step.x - x).abs().max() < 1e-10, f"t={step.t}: {(step.x - x).abs().max()}"
     assert ours[-1].t_prev == 0 and torch.allclose(ours[-1].x, ours[-1].x0)
+
+
+@pytest.mark.parametrize("spacing, offset", [("leading", 1), ("trailing", 0)])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_final_alpha_bar_first_matches_diffusers_without_alpha_to_one(spacing, offset, eta):
+    """final_alpha_bar="first" lands the last step on alpha_bar_1, as diffusers' DDIM with
+    set_alpha_to_one=False (final_alpha_cumprod = alphas_cumprod[0]; SD v1-5's config)."""
+    T, S = 1000, 20
+    s = NoiseSchedule.from_kind("scaled_linear", T, 0.00085, 0.012)
+    ref = patch64(
+        diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, timestep_spacing=spacing, steps_offset=offset),
+        s,
+    )  # fmt: skip
+    ref.set_timesteps(S)
+    ts = [k + 1 for k in ref.timesteps.tolist()]
+    x_T = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    ours = list(ddim_steps(toy_model, x_T, s, eta=eta, timesteps=ts, final_alpha_bar="first",
+                           generator=torch.Generator().manual_seed(5)))  # fmt: skip
+    g, x = torch.Generator().manual_seed(5), x_T
+    for k, step in zip(ref.timesteps.tolist(), ours):
+        noise = None if eta == 0 else torch.randn(x.shape, generator=g, dtype=x.dtype)  # the last step too: sigma > 0
+        x = ref.step(toy_model(x, torch.full((2,), k + 1)), k, x, eta=eta, variance_noise=noise).prev_sample
+        assert (step.x - x).abs().max() < 1e-10, f"t={step.t}: {(step.x - x).abs().max()}"
+    assert ours[-1].t_prev == 1 and not torch.allclose(ours[-1].x, ours[-1].x0)
+
+
+def test_ddim_final_alpha_bar_is_checked():
+    s = NoiseSchedule.from_kind("linear", 10)
+    with pytest.raises(ValueError, match="final_alpha_bar must be 'one' or 'first'"):
+        run(ddim_steps(toy_model, torch.zeros(1, 2), s, num_steps=2, final_alpha_bar="zero"))
 
 
 def test_visual_anagram_averages_upright_and_unflipped_predictions():

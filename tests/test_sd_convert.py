@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pickle
+import re
+import shlex
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from diffmodels.errors import CheckpointError
 from diffmodels.schedule import NoiseSchedule
-from diffmodels.sd.convert import convert_checkpoint, convert_diffusers_folder, convert_state_dict
+from diffmodels.sd.convert import convert_checkpoint, convert_diffusers_folder, convert_state_dict, weights_only_refusal
 
 sd_reference = pytest.importorskip("sd_reference")
 CONFIGS = sd_reference.CONFIGS
@@ -140,8 +144,8 @@ def test_damaged_and_foreign_files(sd, tmp_path):
             convert_checkpoint(path, **CONFIGS)
 
 
-class _Payload:
-    """Unpickling this runs code: it creates ``marker``."""
+class _Exec:
+    """Unpickling this runs code: it creates ``marker`` with builtins.exec."""
 
     def __init__(self, marker: str):
         self.marker = marker
@@ -150,15 +154,81 @@ class _Payload:
         return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
-def test_malicious_pickle_is_not_executed(sd, tmp_path):
+class _System:
+    """Unpickling this runs a shell command (os.system, i.e. posix.system) that creates ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"echo pwned > {shlex.quote(self.marker)}",))
+
+
+PICKLE_FORMATS = ["torch.save", "legacy torch.save", "pickle protocol 0", "pickle protocol 2", "pickle protocol 4", "pickle protocol 5"]
+
+
+def _write_malicious(path, payload, fmt: str, tensor: torch.Tensor) -> None:
+    """``payload`` in a .ckpt as torch.save writes one (zip archive with data.pkl, or the legacy
+    run of pickles), or as a plain pickle (which torch.load reads as a legacy file)."""
+    if fmt.startswith("pickle"):  # payload first: plain pickles of tensors import storage globals
+        with open(path, "wb") as fh:
+            pickle.dump({"payload": payload, "state_dict": {}}, fh, protocol=int(fmt.split()[-1]))
+    else:
+        torch.save({"state_dict": {UNET_W: tensor}, "payload": payload}, path, _use_new_zipfile_serialization=fmt == "torch.save")
+
+
+@pytest.mark.parametrize("fmt", PICKLE_FORMATS)
+@pytest.mark.parametrize("payload, name", [(_System, rf"{os.system.__module__}\.system"), (_Exec, r"(builtins\.)?exec")])
+def test_malicious_pickle_is_refused_and_not_executed(sd, tmp_path, fmt, payload, name):
+    """torch.load(weights_only=True) refuses each, in its own words ("Unsupported global",
+    "... whose module posix is blocked", "Unsupported operand" for opcodes it does not know);
+    every refusal says the file would run code and names the global."""
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {UNET_W: sd[UNET_W]}, "payload": _Payload(str(marker))}, path)
-    with pytest.raises(CheckpointError, match="refused to unpickle: it imports exec, .*safetensors"):
+    _write_malicious(path, payload(str(marker)), fmt, sd[UNET_W])
+    with pytest.raises(CheckpointError) as info:
         convert_checkpoint(path, **CONFIGS)
-    assert not marker.exists()
-    torch.load(path, weights_only=False)  # proof the payload is live: an unsafe load runs it
+    msg = str(info.value)
+    assert re.fullmatch(rf"{re.escape(str(path))}: refused to unpickle: loading it would run code \(it imports {name}, .*\.safetensors.*", msg), msg
+    assert "\n" not in msg and not marker.exists()
+    # proof the payload is live: an unsafe load runs it
+    if fmt.startswith("pickle"):
+        with open(path, "rb") as fh:
+            pickle.load(fh)
+    else:
+        torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("error, named", [
+    ("Unsupported global: GLOBAL evil.Payload was not an allowed global by default. Please use ...", "imports evil.Payload"),
+    ("Trying to load unsupported GLOBAL nt.system whose module nt is blocked.", "imports nt.system"),
+    ("Trying to call reduce for unrecognized function <built-in function system>", "calls <built-in function system>"),
+    ("Trying to call reduce for unrecognized function <bound method A.f of <A>> which belongs to <A>", "calls <bound method A.f of <A>>"),
+    ("Can only create new object for nn.Parameter or classes allowlisted via `add_safe_globals` but got <class 'evil.P'>",
+     "calls <class 'evil.P'>"),
+    ("Can only build Tensor, Parameter, OrderedDict or types allowlisted via `add_safe_globals`, but got <class 'evil.P'>",
+     "calls <class 'evil.P'>"),
+])  # fmt: skip
+def test_every_weights_only_refusal_wording_names_what_would_run(tmp_path, error, named):
+    """The weights-only unpickler's refusals that name what they refused (torch/_weights_only_unpickler.py),
+    as torch.load wraps them."""
+    path = tmp_path / "evil.ckpt"
+    exc = pickle.UnpicklingError(f"Weights only load failed. In PyTorch 2.6, ...\n\n{error}\n\nCheck the documentation ...")
+    assert weights_only_refusal(path, exc) == f"loading it would run code (it {named}, which torch.load(weights_only=True) does not allow)"
+
+
+def test_unreadable_pickles_are_not_called_malicious(tmp_path):
+    """An unknown opcode without any global (garbage, or a plain pickle of plain data) is an
+    unreadable file, not a refusal."""
+    plain = tmp_path / "plain.ckpt"
+    with open(plain, "wb") as fh:
+        pickle.dump({"state_dict": {"w": [1.0, 2.0]}}, fh, protocol=4)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00\x01garbage" * 10)
+    for path in (plain, garbage):
+        with pytest.raises(CheckpointError, match=r"not a readable PyTorch checkpoint \(Unsupported operand \d+\)"):
+            convert_checkpoint(path, **CONFIGS)
 
 
 def test_vae_only_file(ref, sd, tmp_path):

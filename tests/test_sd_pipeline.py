@@ -27,13 +27,18 @@ def pair(sd_ref, tmp_path_factory):
     return ours, ref, hf_tokenizer
 
 
+# scheduler/scheduler_config.json as SD v1-5 ships it (a PNDMScheduler config; DDIMScheduler reads
+# the keys they share and ignores skip_prk_steps). set_alpha_to_one=False: the last DDIM step lands
+# on alphas_cumprod[0] (diffusers' 0-based timestep 0, our t = 1), as LDM's sampler does.
+V15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+}  # fmt: skip
+
+
 def _scheduler(spacing: str):
-    # set_alpha_to_one=True: the last DDIM step lands on alpha_bar_0 = 1, as our sampler does
-    return diffusers.DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing,
-        steps_offset=1,  # used by "leading" only
-    )  # fmt: skip
+    # "leading" is the default timestep_spacing and what v1-5 gets; steps_offset is used by "leading" only
+    return diffusers.DDIMScheduler.from_config(V15_SCHEDULER_CONFIG, timestep_spacing=spacing)
 
 
 def _theirs(ref, hf_tokenizer, spacing: str, img2img: bool = False):
@@ -56,19 +61,19 @@ def test_leading_timesteps_are_ldm_spacing():
     assert [t + 1 for t in sched.timesteps.tolist()] == sd_timesteps(3) == [668, 335, 2]
 
 
-@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+@pytest.mark.parametrize("spacing, num_steps", [("trailing", 5), ("leading", 5), ("leading", 3)])
 @torch.no_grad()
-def test_txt2img_matches_diffusers(pair, spacing):
+def test_txt2img_matches_diffusers(pair, spacing, num_steps):
     ours, ref, hf_tokenizer = pair
     pipe = _theirs(ref, hf_tokenizer, spacing)
-    kwargs = dict(height=16, width=16, num_inference_steps=5, guidance_scale=7.5)
+    kwargs = dict(height=16, width=16, num_inference_steps=num_steps, guidance_scale=7.5)
     expected_latents = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).images
     decoded = ref.vae.decode(expected_latents / ref.vae.config.scaling_factor).sample
     expected = pipe.image_processor.postprocess(decoded, output_type="pt")  # the pipeline's own last step
 
     steps = []
-    got = ours.txt2img(PROMPTS, height=16, width=16, steps=5, guidance=7.5, spacing=spacing, generator=torch.Generator().manual_seed(0), callback=steps.append)
-    assert [s.t for s in steps] == sd_timesteps(5, spacing=spacing)
+    got = ours.txt2img(PROMPTS, height=16, width=16, steps=num_steps, guidance=7.5, spacing=spacing, generator=torch.Generator().manual_seed(0), callback=steps.append)
+    assert [s.t for s in steps] == sd_timesteps(num_steps, spacing=spacing) and steps[-1].t_prev == 1
     assert got.shape == expected.shape == (2, 3, 16, 16)
     assert (steps[-1].x - expected_latents).abs().max() < TOL
     assert (got - expected).abs().max() < TOL

@@ -67,6 +67,14 @@ PROMPTS = [
     ("a very long prompt that goes on and on " * 12).strip(),
     " ".join(str(i) for i in range(100)),
     "word " * 80,
+    # HTML entities stay as typed: transformers' CLIPTokenizer does not unescape them
+    "fish &amp; chips &lt;b&gt;",
+    "&amp;amp; twice escaped",
+    "caf&eacute; &#233; &#x263a; &quot;quoted&quot; non&nbsp;breaking",
+    "AT&T &amp R&D &copy 2024 &notanentity;",
+    # its normalizer: Unicode White_Space only (not the separators \x1c-\x1f), lowercase per character
+    "unit\x1cgroup\x1drecord\x1efile\x1fseparators",
+    "ΟΔΟΣ ΣΑΣ final sigma",
 ]
 
 
@@ -100,6 +108,16 @@ def test_matches_transformers(ours, folder):
     for row, prompt in enumerate(PROMPTS):
         expected = hf(prompt, padding="max_length", max_length=77, truncation=True)["input_ids"]
         assert got[row].tolist() == expected, prompt
+
+
+def test_html_entities_are_kept_as_typed(ours, folder):
+    """OpenAI's simple_tokenizer HTML-unescapes; transformers' CLIPTokenizer, which SD pipelines
+    run, does not, so "&amp;" is three tokens more than "&"."""
+    hf = transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+    prompt = "fish &amp; chips &lt;b&gt;"
+    assert clean(prompt) == prompt
+    assert ours(prompt)[0].tolist() == hf(prompt, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    assert not torch.equal(ours(prompt), ours("fish & chips <b>"))
 
 
 def test_truncation_keeps_end_token(ours):

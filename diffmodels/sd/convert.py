@@ -17,17 +17,24 @@ tables in ``_DIFFUSERS_*`` below.
 
 Refused with one clear line: SD 2.x (OpenCLIP text tower, 1024-d context, linear proj_in),
 SDXL, 9-channel inpainting UNets, v-prediction checkpoints that declare it, pickles that
-``torch.load(weights_only=True)`` rejects, and truncated or non-checkpoint files.
+``torch.load(weights_only=True)`` rejects because unpickling them would run code (the line names
+the global), and truncated or non-checkpoint files.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import json
+import pickle
+import pickletools
 import re
+import warnings
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -280,18 +287,7 @@ def read_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(f"{path}: not a readable safetensors file ({reason}); is it truncated?") from None
     elif path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
-            text = str(exc)
-            if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
-                raise CheckpointError(
-                    f"{path}: refused to unpickle: it imports {m[1]}, which torch.load(weights_only=True) "
-                    "does not allow (it could run code); convert it to .safetensors with a tool you trust"
-                ) from None
-            reason = re.search(r"WeightsUnpickler error:\s*(.+)", text) or re.search(r"(.+)", text)
-            reason = reason[1].strip()[:120] if reason else type(exc).__name__
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason}); is it truncated?") from None
+        obj = load_pickle(path)
     else:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .ckpt, .pt, .pth or .bin")
     while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -303,6 +299,111 @@ def read_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
         raise CheckpointError(f"{path}: holds no tensors; not a model checkpoint")
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}  # fp16 -> fp32
     return tensors, meta
+
+
+# What torch.load(weights_only=True) refuses, in the words of torch/_weights_only_unpickler.py
+# (torch 2.4 - 2.13): a global it does not allow or whose module (os, posix, nt, sys) is blocked,
+# named as module.name; or an object it would call (REDUCE), instantiate (NEWOBJ) or __setstate__
+# (BUILD), named by its repr. A full unpickler would import and call each: it would run code.
+_REFUSED = [
+    ("imports", re.compile(r"Unsupported global: GLOBAL (\S+)")),
+    ("imports", re.compile(r"Trying to load unsupported GLOBAL (\S+) whose module \S+ is blocked")),
+    ("calls", re.compile(r"Trying to call reduce for unrecognized function (.+?)(?: which belongs to .*)?$", re.M)),
+    ("calls", re.compile(r"Can only create new object for .* but got (.+)$", re.M)),
+    ("calls", re.compile(r"Can only build .* but got (.+)$", re.M)),
+]
+# Opcodes that name a global: GLOBAL and INST carry "module name"; STACK_GLOBAL (protocol 4+)
+# pops the two strings pushed before it. torch's unpickler knows no STACK_GLOBAL or FRAME and
+# says only "Unsupported operand", so those globals are found by reading the opcodes here.
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+
+
+def pickle_globals(stream: BinaryIO, max_pickles: int = 5) -> list[str]:
+    """module.name of every global the pickles at the start of ``stream`` import, in order, by
+    disassembly (:func:`pickletools.genops`: opcodes are parsed, never executed). A legacy
+    ``torch.save`` file is five pickles then raw storage bytes; reading stops at the first
+    stretch that is not a pickle."""
+    found: list[str] = []
+    for _ in range(max_pickles):
+        pushed: list[str | None] = []  # every value pushed so far: the string, or None
+        memo: dict[int, str | None] = {}
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    module, name = arg.split(" ", 1)
+                    # protocols 0-2 write Python 2 names (__builtin__.exec); unpickling maps them
+                    default = (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+                    found.append(".".join(_compat_pickle.NAME_MAPPING.get((module, name), default)))
+                elif op.name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
+                    found.append(f"{pushed[-2]}.{pushed[-1]}")
+                if op.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = pushed[-1] if pushed else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif op.stack_after:
+                    pushed.append(arg if op.name in _STRING_OPS and isinstance(arg, str) else None)
+        except Exception:  # noqa: BLE001 - not (or no longer) a pickle
+            break
+    return list(dict.fromkeys(found))
+
+
+def unsafe_pickle_globals(path: Path) -> list[str]:
+    """The globals in ``path`` (a torch.save zip archive, a legacy torch.save file or a plain
+    pickle) that torch.load(weights_only=True) does not allow; [] if it holds none or is not a pickle."""
+    from torch import _weights_only_unpickler as unpickler
+
+    allowed: set[str] = set()  # what torch.load(weights_only=True) would load (private API: guarded)
+    for getter in ("_get_allowed_globals", "_get_user_allowed_globals"):
+        allowed |= set(getattr(unpickler, getter, dict)())
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = []
+                for entry in archive.namelist():
+                    if entry.endswith(".pkl"):
+                        with archive.open(entry) as fh:
+                            names += pickle_globals(fh)
+        else:
+            with open(path, "rb") as fh:
+                names = pickle_globals(fh)
+    except (OSError, zipfile.BadZipFile):
+        return []
+    return [name for name in dict.fromkeys(names) if name not in allowed]
+
+
+def weights_only_refusal(path: Path, exc: BaseException) -> str | None:
+    """If ``exc`` is torch.load(weights_only=True) refusing ``path`` because a full unpickler would
+    run code, the reason naming the global (or the object it would call); else None."""
+    text = str(exc)
+    for verb, pattern in _REFUSED:
+        if m := pattern.search(text):
+            name = m[1].strip()[:120]
+            break
+    else:
+        if not isinstance(exc, pickle.UnpicklingError) or not (unsafe := unsafe_pickle_globals(path)):
+            return None
+        verb, name = "imports", ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+    return f"loading it would run code (it {verb} {name}, which torch.load(weights_only=True) does not allow)"
+
+
+def load_pickle(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure one CheckpointError line:
+    a refusal says the file would run code and names the global, anything else is unreadable."""
+    try:
+        with warnings.catch_warnings():  # pickles not of protocol 2 warn before failing: noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
+        if refusal := weights_only_refusal(path, exc):
+            raise CheckpointError(
+                f"{path}: refused to unpickle: {refusal}; convert it to .safetensors with a tool you trust"
+            ) from None
+        text = str(exc)
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text) or re.search(r"(.+)", text)
+        reason = reason[1].strip()[:120] if reason else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason}); is it truncated?") from None
 
 
 def check_supported(sd: Mapping[str, Tensor], meta: Mapping[str, str], where: str) -> None:

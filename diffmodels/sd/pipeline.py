@@ -10,11 +10,12 @@
 The networks, the schedule and the sampler meet only here (STYLE rule 3): the UNet is wrapped as
 ``denoise_fn(x, t)`` for the shared samplers (:mod:`diffmodels.samplers`), whose t runs 1..T
 while the UNet was trained on the 0-based index t - 1. Latents are scaled by 0.18215 before
-diffusion and unscaled before decoding. Random numbers are drawn in diffusers' order (initial
-latents; for img2img the VAE posterior sample, then the forward-process noise), so a seeded
-generator reproduces diffusers' ``StableDiffusionPipeline`` on the same weights. Noise is always
-drawn on the generator's device (the CPU by default) and moved, so a seed means the same noise on
-CPU, CUDA and MPS.
+diffusion and unscaled before decoding. Every path's last DDIM step lands on alpha_bar_1 =
+1 - beta_1, not on 1, as in LDM's sampler and v1-5's scheduler config (``set_alpha_to_one=False``).
+Random numbers are drawn in diffusers' order (initial latents; for img2img the VAE posterior
+sample, then the forward-process noise), so a seeded generator reproduces diffusers'
+``StableDiffusionPipeline`` on the same weights. Noise is always drawn on the generator's device
+(the CPU by default) and moved, so a seed means the same noise on CPU, CUDA and MPS.
 
 Placement (:mod:`diffmodels.sd.device`): the UNet and text encoder run in ``placement.dtype``, the
 VAE in ``placement.vae_dtype``; the sampler's own arithmetic stays in float32 whatever the
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffmodels.samplers import DenoiseFn, Step, ddim_steps, ddim_timesteps, run, visual_anagram
+from diffmodels.samplers import DenoiseFn, FinalAlphaBar, Step, ddim_steps, ddim_timesteps, run, visual_anagram
 from diffmodels.schedule import NoiseSchedule
 from diffmodels.sd.clip import CLIPTextEncoder
 from diffmodels.sd.device import Placement
@@ -112,6 +113,9 @@ class StableDiffusion:
     tokenizer: CLIPTokenizer
     schedule: NoiseSchedule = field(default_factory=sd_schedule)
     placement: Placement | None = None  # None: where and in which dtype the modules already are
+    # v1-5's scheduler_config.json has set_alpha_to_one=False: the last DDIM step stops at
+    # alphas_cumprod[0] (our alpha_bar_1), the least noisy step SD was trained on; "one" lands on 1.
+    final_alpha_bar: FinalAlphaBar = "first"
 
     def __post_init__(self) -> None:
         if self.placement is None:
@@ -181,12 +185,14 @@ class StableDiffusion:
         timesteps: list[int],
         callback: Callable[[Step], None] | None = None,
     ) -> Tensor:
-        """Deterministic DDIM (eta = 0) from ``latents`` z_t at ``timesteps[0]`` down to z_0, the UNet
-        on the execution device for the whole loop. A ``callback`` may edit ``step.x`` in place:
-        the sampler continues from it (the inpainting blend does)."""
+        """Deterministic DDIM (eta = 0) from ``latents`` z_t at ``timesteps[0]`` down to
+        ``final_alpha_bar`` (alpha_bar_1 for v1-5), the UNet on the execution device for the whole
+        loop. A ``callback`` may edit ``step.x`` in place: the sampler continues from it (the
+        inpainting blend does)."""
         schedule = schedule_on(self.schedule, self.device)
+        x = latents.to(self.device, torch.float32)
         with self.placement.running(self.unet):
-            return run(ddim_steps(denoise_fn, latents.to(self.device, torch.float32), schedule, timesteps=timesteps), callback)
+            return run(ddim_steps(denoise_fn, x, schedule, timesteps=timesteps, final_alpha_bar=self.final_alpha_bar), callback)
 
     @property
     def size_multiple(self) -> int:
@@ -361,8 +367,12 @@ class StableDiffusion:
         m = F.interpolate((masks.float() >= 0.5).float().to(self.device), size=z0.shape[-2:])
 
         def blend(step: Step) -> None:
-            t_prev = torch.full((b,), step.t_prev, device=self.device, dtype=torch.long)
-            known = schedule.q_sample(z0, t_prev, noise)  # t_prev = 0: z_0 itself (alpha_bar_0 = 1)
+            if step.t == ts[-1]:
+                # after the last step the known region is the clean latents, whatever alpha_bar the
+                # step landed on (alpha_bar_1 for v1-5), as in diffusers' blend
+                known = z0
+            else:
+                known = schedule.q_sample(z0, torch.full((b,), step.t_prev, device=self.device, dtype=torch.long), noise)
             step.x.copy_((1 - m) * known + m * step.x)  # in place: the sampler continues from step.x
             if callback is not None:
                 callback(step)

@@ -2,10 +2,12 @@
 
     ids = CLIPTokenizer.default()(["a photo of a cat"])     -> (B, 77) int64
 
-Steps for one prompt, following OpenAI's ``simple_tokenizer.py``:
+Steps for one prompt, giving the ids of transformers' ``CLIPTokenizer`` (what SD pipelines run),
+which follows OpenAI's ``simple_tokenizer.py`` except in step 1:
 
-1. clean: HTML-unescape (twice, as the original), Unicode NFC (what ``ftfy.fix_text`` ends
-   with; ftfy's mojibake repair is not reproduced), collapse whitespace, lowercase;
+1. clean as transformers' normalizer: Unicode NFC, runs of Unicode White_Space -> one space,
+   lowercase character by character. No HTML unescaping and no ftfy (OpenAI's tokenizer does
+   both), so "fish &amp; chips" keeps its "&amp;";
 2. pre-tokenize with CLIP's regex (letters runs, single digits, punctuation runs, contractions);
 3. map each piece's UTF-8 bytes to printable unicode symbols (``bytes_to_unicode``), mark the
    end of the word with ``</w>`` and apply the BPE merges in rank order;
@@ -19,7 +21,6 @@ in this package) or from a diffusers ``tokenizer/`` folder (``vocab.json`` + ``m
 from __future__ import annotations
 
 import gzip
-import html
 import json
 import re
 import unicodedata
@@ -29,11 +30,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# Unicode White_Space: \s of `tokenizers` and of the `regex` package. The stdlib's \s also takes
+# the separators \x1c-\x1f, which CLIPTokenizer keeps (and tokenizes like punctuation).
+WHITESPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # CLIP's pre-tokenizer: special tokens, contractions, letter runs, single digits, other runs.
 PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # The same with the stdlib: letters = word characters minus digits and "_"; \d (decimal digits)
 # stands in for \p{N}, so only other numerals (superscripts, fractions) split differently.
-STDLIB_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+"""
+STDLIB_PATTERN = rf"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^{WHITESPACE}\w]|_)+"""
 
 try:  # the `regex` package knows \p{L} / \p{N}; diffusers depends on it
     import regex
@@ -66,9 +70,13 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def clean(text: str) -> str:
-    text = html.unescape(html.unescape(text))
+    """transformers' CLIPTokenizer normalizer: NFC, White_Space runs -> " ", lowercase.
+
+    Per character, as ``tokenizers`` lowercases: str.lower would turn a word-final capital sigma
+    into the final form (ΟΔΟΣ -> οδος), CLIPTokenizer gives σ. HTML entities are kept as typed."""
     text = unicodedata.normalize("NFC", text)
-    return re.sub(r"\s+", " ", text).strip().lower()
+    text = re.sub(f"[{WHITESPACE}]+", " ", text)
+    return "".join(ch.lower() for ch in text).strip(" ")
 
 
 class CLIPTokenizer:
