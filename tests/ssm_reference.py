@@ -13,7 +13,7 @@ def _weights(module) -> dict[str, Tensor]:
     return {name: p.detach().double() for name, p in module.named_parameters()}
 
 
-def _silu(v: Tensor) -> Tensor:
+def silu(v: Tensor) -> Tensor:
     return v / (1 + torch.exp(-v))
 
 
@@ -36,13 +36,14 @@ def ssm_reference(layer, x: Tensor, z: Tensor | None = None) -> Tensor:
     A = -torch.exp(w["A_log"])
     y = torch.zeros_like(x)
     for k in range(heads):
-        for c in range(k * p, (k + 1) * p):
-            h = torch.zeros(b, n, dtype=torch.float64)
-            for t in range(l):
-                h = torch.exp(dt[:, t, k] * A[k])[:, None] * h + (dt[:, t, k] * x[:, t, c])[:, None] * B[:, t]
-                y[:, t, c] = (C[:, t] * h).sum(-1) + w["D"][k] * x[:, t, c]
+        xk = x[:, :, k * p : (k + 1) * p]  # (b, l, p): the channels of head k, one state row each
+        h = torch.zeros(b, p, n, dtype=torch.float64)
+        for t in range(l):
+            decay = torch.exp(dt[:, t, k] * A[k])[:, None, None]
+            h = decay * h + (dt[:, t, k, None] * xk[:, t])[:, :, None] * B[:, t, None, :]
+            y[:, t, k * p : (k + 1) * p] = (h * C[:, t, None, :]).sum(-1) + w["D"][k] * xk[:, t]
     if z is not None:
-        y = y * _silu(z.double())
+        y = y * silu(z.double())
     return y
 
 
@@ -65,7 +66,7 @@ def snake_path(height: int, width: int, order: str) -> list[tuple[int, int]]:
     return cells[::-1] if rev else cells
 
 
-def _group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     b, c, h, w = x.shape
     g = x.reshape(b, groups, -1)
     mean = g.mean(-1, keepdim=True)
@@ -86,7 +87,7 @@ def serpentine_reference(block, x: Tensor) -> Tensor:
     x = x.double()
     b, c, height, width = x.shape
     e = w["conv.weight"].shape[0]  # d_inner
-    xn = _group_norm(x, block.norm.num_groups, w["norm.weight"], w["norm.bias"], block.norm.eps)
+    xn = group_norm(x, block.norm.num_groups, w["norm.weight"], w["norm.bias"], block.norm.eps)
     uz = torch.einsum("oc,bchw->bohw", w["in_proj.weight"][:, :, 0, 0], xn) + w["in_proj.bias"][:, None, None]
     u, z = uz[:, :e], uz[:, e:]
     padded = torch.zeros(b, e, height + 2, width + 2, dtype=torch.float64)
@@ -95,7 +96,7 @@ def serpentine_reference(block, x: Tensor) -> Tensor:
     for di in range(3):
         for dj in range(3):
             conv = conv + w["conv.weight"][:, 0, di, dj][:, None, None] * padded[:, :, di : di + height, dj : dj + width]
-    u = _silu(conv)
+    u = silu(conv)
 
     merged = torch.zeros(b, height, width, e, dtype=torch.float64)
     for order in block.orders:
@@ -109,6 +110,6 @@ def serpentine_reference(block, x: Tensor) -> Tensor:
     mean = merged.mean(-1, keepdim=True)
     var = ((merged - mean) ** 2).mean(-1, keepdim=True)
     y = (merged - mean) / torch.sqrt(var + block.out_norm.eps) * w["out_norm.weight"] + w["out_norm.bias"]
-    y = y * _silu(z.permute(0, 2, 3, 1))  # (B, H, W, E)
+    y = y * silu(z.permute(0, 2, 3, 1))  # (B, H, W, E)
     y = y @ w["out_proj.weight"].T + w["out_proj.bias"]  # (B, H, W, C)
     return x + y.permute(0, 3, 1, 2)
