@@ -95,7 +95,8 @@ def serpentine_reference(block, x: Tensor) -> Tensor:
     conv = w["conv.bias"][:, None, None].expand(b, e, height, width).clone()
     for di in range(3):
         for dj in range(3):
-            conv = conv + w["conv.weight"][:, 0, di, dj][:, None, None] * padded[:, :, di : di + height, dj : dj + width]
+            tap = w["conv.weight"][:, 0, di, dj][:, None, None]
+            conv = conv + tap * padded[:, :, di : di + height, dj : dj + width]
     u = silu(conv)
 
     merged = torch.zeros(b, height, width, e, dtype=torch.float64)
