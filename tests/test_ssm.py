@@ -1,4 +1,5 @@
-"""The chunked SSD scan against the sequential loop, its gradients, and the layer's causality."""
+"""The chunked SSD scan against the sequential loop, its gradients, the layer's causality, and the
+layer against a float64 reference (tests/ssm_reference.py)."""
 
 from __future__ import annotations
 
