@@ -114,3 +114,70 @@ def test_frechet_distance_equals_torchmetrics_fid(features):
     metric.update(features["a"].double(), real=True)
     metric.update(features["b"].double(), real=False)
     assert frechet_distance(features["a"], features["b"]) == pytest.approx(float(metric.compute()), rel=1e-5)
+
+
+def unbiased_mmd2(x, y):
+    """Unbiased MMD^2 (Gretton et al. 2012, eq. 3) with KID's polynomial kernel
+    k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018), summed pair by pair in float64."""
+    x, y = x.double(), y.double()
+    d = x.shape[1]
+
+    def k(a, b):
+        return (float(a @ b) / d + 1.0) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def _feature_sets(n_real, n_fake, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randn(n_real, dim, generator=g, dtype=torch.float64)
+    fake = 1.2 * torch.randn(n_fake, dim, generator=g, dtype=torch.float64) + 0.3
+    return real, fake
+
+
+def test_kid_on_whole_sets_is_the_unbiased_mmd_closed_form():
+    """Subsets as large as both sets are the whole sets (in some order) every time: the mean is the
+    MMD^2 of the two sets and the spread is zero."""
+    real, fake = _feature_sets(12, 12)
+    result = fid_kid(real, fake, kid_subsets=7, kid_subset_size=12)
+    expected = unbiased_mmd2(real, fake)
+    assert expected > 0.05
+    assert result["kid_mean"] == pytest.approx(expected, rel=1e-10)
+    assert result["kid_std"] < 1e-12
+    assert fid_kid(real, real, kid_subsets=3)["kid_mean"] == pytest.approx(unbiased_mmd2(real, real), rel=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save:UserWarning")
+def test_kid_over_subsets_is_the_mean_and_spread_of_mmd_on_the_seeded_subsets():
+    """Subset k is torch.randperm(n_real)[:size] and torch.randperm(n_fake)[:size] drawn in turn after
+    torch.manual_seed(seed) (torchmetrics' order); KID is the mean and the population standard
+    deviation of their MMD^2. Also the same as torchmetrics' KernelInceptionDistance on the features
+    with its kernel spelled out (degree 3, gamma 1/d, coef 1)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, fake = _feature_sets(15, 13, seed=1)
+    result = fid_kid(real, fake, kid_subsets=5, kid_subset_size=6, seed=3)
+    torch.manual_seed(3)
+    scores = []
+    for _ in range(5):
+        rows_real, rows_fake = torch.randperm(15)[:6], torch.randperm(13)[:6]
+        scores.append(unbiased_mmd2(real[rows_real], fake[rows_fake]))
+    assert len(set(scores)) == 5, "the subsets differ"
+    assert result["kid_mean"] == pytest.approx(np.mean(scores), rel=1e-10)
+    assert result["kid_std"] == pytest.approx(np.std(scores), rel=1e-8)
+
+    class Identity(torch.nn.Module):
+        def forward(self, feats):
+            return feats
+
+    metric = KernelInceptionDistance(feature=Identity(), subsets=5, subset_size=6, degree=3, gamma=None, coef=1.0)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    torch.manual_seed(3)
+    mean, std = metric.compute()
+    assert (result["kid_mean"], result["kid_std"]) == pytest.approx((float(mean), float(std)), rel=1e-12)
+    assert fid_kid(real, fake)["kid_subset_size"] == 13, "default subset size: the smaller set"

@@ -282,6 +282,36 @@ def test_sdedit_noises_the_anchor_to_t0_then_denoises_from_there(sampler, expect
         next(sdedit(spy, anchor, s, 21))
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["ddpm", "ddpm-posterior", "ddim"])
+def test_sdedit_matches_a_handwritten_loop(sampler):
+    """Meng et al. alg. 1: z_t0 = sqrt(abar_t0) z_a + sqrt(1 - abar_t0) n, then the sampler's steps
+    from t0 down to 0 written out (DDPM eq. 11, noise only when t > 1; DDIM eq. 12 on the grid)."""
+    T, t0 = 12, 7
+    s = NoiseSchedule.from_kind("linear", T, 1e-2, 0.3)
+    anchor, _ = anchor_and_hole(torch.float64)
+    got = run(sdedit(toy_model, anchor, s, t0, sampler=sampler, generator=torch.Generator().manual_seed(8)))
+    g = torch.Generator().manual_seed(8)
+    noise = lambda: torch.randn(SHAPE, generator=g, dtype=torch.float64)  # noqa: E731
+    x = s.alpha_bar[t0].sqrt() * anchor + (1 - s.alpha_bar[t0]).sqrt() * noise()
+    if sampler.kind == "ddpm":
+        for t in range(t0, 0, -1):
+            beta, alpha, abar, abar_prev = s.betas[t], s.alphas[t], s.alpha_bar[t], s.alpha_bar[t - 1]
+            eps = toy_model(x, torch.full((SHAPE[0],), t))
+            x = (x - beta / (1 - abar).sqrt() * eps) / alpha.sqrt()
+            var = beta if sampler.variance == "beta" else beta * (1 - abar_prev) / (1 - abar)
+            if t > 1:
+                x = x + var.sqrt() * noise()
+    else:
+        levels = [t0, 6, 3, 0]  # t0, then the trailing grid 12, 9, 6, 3 below it, then 0
+        for t, t_prev in zip(levels, levels[1:]):
+            a, a_prev = s.alpha_bar[t], s.alpha_bar[t_prev]
+            eps = toy_model(x, torch.full((SHAPE[0],), t))
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            sigma = sampler.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + (sigma * noise() if sigma > 0 else 0)
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # Pixels to pixels with a tiny real VAE
 # --------------------------------------------------------------------------------------------
@@ -342,7 +372,13 @@ def test_inpaint_images_rejects_unknown_methods_and_sdedit_without_t0(tiny_vae):
         inpaint_images("blend", x, hole, **kw)
     with pytest.raises(ValueError, match="sdedit_t0"):
         inpaint_images("sdedit", x, hole, **kw)
-    out = inpaint_images("sdedit", x, hole, sdedit_t0=2, **kw)
-    assert out.shape == x.shape and torch.isfinite(out).all()
+    out = inpaint_images("sdedit", x, hole, sdedit_t0=2, generator=torch.Generator().manual_seed(9), **kw)
+    with torch.no_grad():
+        anchor = tiny_vae.encode(x)[0].contiguous()  # scale_factor 1.0
+        expected = tiny_vae.decode(run(sdedit(toy_model, anchor, kw["schedule"], 2,
+                                              generator=torch.Generator().manual_seed(9))))
+    assert torch.equal(out, expected), "sdedit: the whole latent edited and decoded, no mask, no paste"
+    everywhere = inpaint_images("sdedit", x, ~hole, sdedit_t0=2, generator=torch.Generator().manual_seed(9), **kw)
+    assert torch.equal(everywhere, out), "sdedit ignores the hole mask"
     with pytest.raises(ValueError, match="sampler kind"):
         Sampler("euler")

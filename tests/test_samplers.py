@@ -103,8 +103,10 @@ def patch64(ref, schedule):
 
 
 @pytest.mark.parametrize("variance, ref_variance", [("beta", "fixed_large"), ("posterior", "fixed_small")])
-@pytest.mark.parametrize("prediction, ref_prediction", [("eps", "epsilon"), ("v", "v_prediction")])
+@pytest.mark.parametrize("prediction, ref_prediction", [("eps", "epsilon"), ("x0", "sample"), ("v", "v_prediction")])
 def test_ddpm_trajectory_matches_diffusers(variance, ref_variance, prediction, ref_prediction):
+    """ddpm_steps against DDPMScheduler.step at every step, both drawing their noise from one seeded
+    generator in the same order (diffusers draws none at its k = 0, our t = 1, as we do)."""
     T = 50
     s = NoiseSchedule.from_kind("linear", T, 1e-3, 0.2)
     ref = patch64(
@@ -117,10 +119,12 @@ def test_ddpm_trajectory_matches_diffusers(variance, ref_variance, prediction, r
 
     ours = list(ddpm_steps(toy_model, x_T, s, prediction=prediction, variance=variance,
                            generator=torch.Generator().manual_seed(1)))
+    assert [step.t for step in ours] == [k + 1 for k in ref.timesteps.tolist()] == list(range(T, 0, -1))
     g, x = torch.Generator().manual_seed(1), x_T
     for k, step in zip(ref.timesteps.tolist(), ours):
-        assert step.t == k + 1
-        x = ref.step(toy_model(x, torch.full((2,), k + 1)), k, x, generator=g).prev_sample
+        out = ref.step(toy_model(x, torch.full((2,), k + 1)), k, x, generator=g)
+        assert (step.x0 - out.pred_original_sample).abs().max() < 1e-10, f"t={step.t}"
+        x = out.prev_sample
         assert (step.x - x).abs().max() < 1e-10, f"t={step.t}"
 
 

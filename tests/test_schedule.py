@@ -132,8 +132,10 @@ def test_add_noise_matches_diffusers(kind, start, end):
 
 
 @pytest.mark.parametrize("prediction, ref_type", [("eps", "epsilon"), ("x0", "sample"), ("v", "v_prediction")])
-def test_ddpm_step_matches_diffusers_with_the_same_noise(prediction, ref_type):
-    """One reverse step: posterior mean at the predicted x0 plus sqrt(beta_tilde) * noise."""
+def test_posterior_mean_var_at_the_predicted_x0_is_a_diffusers_ddpm_step(prediction, ref_type):
+    """q_posterior_mean_var at x0_hat plus sqrt(beta_tilde) * noise is one DDPMScheduler step
+    (fixed_small). The sampler itself, ddpm_steps, is checked against diffusers step by step in
+    test_samplers.py::test_ddpm_trajectory_matches_diffusers."""
     T = 1000
     s = NoiseSchedule.from_kind("linear", T)
     ref = reference64(s, prediction_type=ref_type, variance_type="fixed_small")

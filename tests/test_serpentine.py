@@ -15,6 +15,7 @@ from diffmodels.serpentine import (
     scan_indices,
     unscan,
 )
+from ssm_reference import serpentine_reference, snake_path
 
 SIZES = [(1, 1), (1, 7), (5, 3), (8, 8), (7, 12)]
 
@@ -87,12 +88,37 @@ def _block(**kwargs) -> SerpentineBlock:
     return SerpentineBlock(8, **kwargs)
 
 
-@pytest.mark.parametrize("directions,family,merge", [(1, "rows", "sum"), (2, "cols", "mean"), (4, "rows", "mean")])
-def test_block_output_finite_and_every_parameter_gets_gradient(directions, family, merge):
-    block = _block(directions=directions, family=family, merge=merge)
-    x = torch.randn(2, 8, 5, 7)
+def _perturbed(block: SerpentineBlock) -> SerpentineBlock:
+    """Trained-looking weights: norms' affine terms and D away from 1 and 0, every parameter moved."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return block
+
+
+def test_reference_snake_paths_are_the_scan_orders():
+    """The test's own path builder (tests/ssm_reference.py) agrees with scan_indices on every order."""
+    for h, w in SIZES:
+        for order in ORDERS:
+            perm, _ = scan_indices(h, w, order)
+            assert perm.tolist() == [r * w + c for r, c in snake_path(h, w, order)], (h, w, order)
+    assert snake_path(2, 3, "rows_br") == [(1, 2), (1, 1), (1, 0), (0, 0), (0, 1), (0, 2)]
+    assert snake_path(3, 2, "cols_tr_rev") == [(0, 0), (1, 0), (2, 0), (2, 1), (1, 1), (0, 1)]
+
+
+@pytest.mark.parametrize("directions,family,merge,corner", [(1, "rows", "sum", "tl"), (2, "cols", "mean", "br"),
+                                                            (4, "rows", "mean", "tr"), (4, "cols", "sum", "bl")])
+def test_block_equals_a_float64_reference_and_every_parameter_gets_gradient(directions, family, merge, corner):
+    """Norm, in-projection, depthwise conv, per-direction snake scans through the SSM, un-permute,
+    merge, LayerNorm, gate, out-projection and residual, all written out in float64."""
+    block = _perturbed(_block(directions=directions, family=family, merge=merge, corner=corner))
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(2))  # 35 cells: no multiple of chunk 8
     y = block(x)
-    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert y.dtype == x.dtype
+    ref = serpentine_reference(block, x)
+    branch, ref_branch = (y - x).double(), ref - x.double()
+    assert ((branch - ref_branch).norm() / ref_branch.norm()).item() < 1e-5
     y.backward(torch.randn_like(y))
     for name, p in block.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name

@@ -1,4 +1,5 @@
-"""The chunked SSD scan against the sequential loop, its gradients, and the layer's causality."""
+"""The chunked SSD scan against the sequential loop, its gradients, the layer's causality, and the
+layer against a float64 reference (tests/ssm_reference.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from diffmodels.ssm import SelectiveSSM, decay, selective_scan_reference, ssd_chunked_scan
+from ssm_reference import ssm_reference
 
 
 def _inputs(b, l, h, p, n, *, dtype=torch.float64, seed=0, dt_range=(1e-3, 1.0)):
@@ -103,3 +105,28 @@ def test_layer_is_causal(gated):
 def test_layer_rejects_headdim_not_dividing():
     with pytest.raises(ValueError, match="headdim"):
         SelectiveSSM(10, headdim=4)
+
+
+def _perturbed(module, seed=1):
+    """Trained-looking weights: D away from its init of 1, every parameter moved."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return module
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("chunk_size", [4, 64])
+def test_layer_equals_a_float64_loop_over_time_heads_and_channels(gated, chunk_size):
+    """Projection to dt, B, C; softplus; per-head decay; D skip; SiLU gate (tests/ssm_reference.py)."""
+    torch.manual_seed(0)
+    layer = _perturbed(SelectiveSSM(12, d_state=5, headdim=4, chunk_size=chunk_size))  # 3 heads
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 11, 12, generator=g)  # 11: no multiple of the chunk
+    z = torch.randn(2, 11, 12, generator=g) if gated else None
+    with torch.no_grad():
+        y = layer(x, z)
+    ref = ssm_reference(layer, x, z)
+    assert y.dtype == torch.float32
+    assert _rel(y, ref) < 1e-5, _rel(y, ref)
