@@ -58,8 +58,8 @@ Clamp = Callable[[Tensor, int], Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-def _as_pixel_hole(hole: Tensor) -> Tensor:
-    """(B, H, W) or (B, 1, H, W) bool -> (B, 1, H, W) bool."""
+def _as_pixel_hole(hole: Tensor, grid: int = GRID) -> Tensor:
+    """(B, H, W) or (B, 1, H, W) bool -> (B, 1, H, W) bool, its sides multiples of ``grid``."""
     hole = torch.as_tensor(hole)
     if hole.dtype != torch.bool:
         raise ValueError(f"hole mask must be boolean (True = hole), got {hole.dtype}")
@@ -67,8 +67,8 @@ def _as_pixel_hole(hole: Tensor) -> Tensor:
         hole = hole.unsqueeze(1)
     if hole.ndim != 4 or hole.shape[1] != 1:
         raise ValueError(f"hole mask must be (B, H, W) or (B, 1, H, W), got {tuple(hole.shape)}")
-    if hole.shape[-2] % GRID or hole.shape[-1] % GRID:
-        raise ValueError(f"hole mask size {hole.shape[-2]}x{hole.shape[-1]} is not a multiple of {GRID}")
+    if hole.shape[-2] % grid or hole.shape[-1] % grid:
+        raise ValueError(f"hole mask size {hole.shape[-2]}x{hole.shape[-1]} is not a multiple of {grid} (the VAE's stride)")
     return hole
 
 
@@ -83,7 +83,7 @@ def latent_hole(hole: Tensor, policy: MaskPolicy = "nearest", grid: int = GRID) 
     Grid-aligned holes (every tile all hole or all keep) map exactly under both policies.
     ``grid`` is the VAE's stride (8 for ours and SD's; other strides for other VAEs).
     """
-    hole = _as_pixel_hole(hole)
+    hole = _as_pixel_hole(hole, grid)
     if policy == "nearest":
         return hole[..., grid // 2 :: grid, grid // 2 :: grid]
     if policy == "conservative":
@@ -91,9 +91,10 @@ def latent_hole(hole: Tensor, policy: MaskPolicy = "nearest", grid: int = GRID) 
     raise ValueError(f"mask_policy must be one of {MASK_POLICIES}, got {policy!r}")
 
 
-def upsample_tiles(tiles: Tensor) -> Tensor:
-    """Latent-grid mask (B, 1, h, w) -> pixel mask (B, 1, 8h, 8w): tile (i, j) covers [8i, 8i+8) x [8j, 8j+8)."""
-    return tiles.repeat_interleave(GRID, dim=-2).repeat_interleave(GRID, dim=-1)
+def upsample_tiles(tiles: Tensor, grid: int = GRID) -> Tensor:
+    """Latent-grid mask (B, 1, h, w) -> pixel mask (B, 1, 8h, 8w): tile (i, j) covers [8i, 8i+8) x [8j, 8j+8)
+    (for a VAE of stride ``grid``: (B, 1, grid h, grid w), tile (i, j) covers [grid i, grid i + grid) x ...)."""
+    return tiles.repeat_interleave(grid, dim=-2).repeat_interleave(grid, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------

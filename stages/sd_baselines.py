@@ -10,7 +10,10 @@ guidance), img2img (SDEdit, ``sd.strength``) and latent inpainting (mask set
 VAE's reconstruction PSNR/SSIM of test images at the data resolution (the numbers cache_latents
 reports for our VAE) and its decoder / encoder leakage over the mask sets of ``data.mask_sets``
 (``leakage.*``, as stage eval_leakage measures ours: ``decoder_leakage.tsv``, ``encoder_leakage.tsv``,
-``sd_vae_leakage/<alignment>/<scalar>``). Figures in ``<reports>/figures/``: txt2img.png, img2img.png, inpaint.png,
+``sd_vae_leakage/<alignment>/<scalar>``). The mask alignments are those of our 8-px grid: aligned
+for SD's decoder, but SD's encoder pads right/bottom before each stride-2 conv and centres latent
+(i, j) on pixel (8i + 7, 8j + 7), ``sd_vae_leakage/encoder_centre_offset_px`` = 3.5 px off its tile,
+so SD's encoder numbers under "aligned" are for masks offset from that encoder's grid. Figures in ``<reports>/figures/``: txt2img.png, img2img.png, inpaint.png,
 anagram.png, vae_reconstruction.png. Without converted weights it draws figures/status.png and
 writes metrics.json saying why, and exits 0.
 """
@@ -194,6 +197,9 @@ def run(args) -> None:
                                    scale_factor=SD_SCALE_FACTOR, mask_policy=params.inpaint.mask_policy,
                                    generator=torch.Generator().manual_seed(seed + 400))
             metrics.update({f"sd_vae_leakage/{key}": value for key, value in leak.scalars().items()})
+            # "aligned" is aligned for SD's decoder; its encoder centres latents 3.5 px off the grid,
+            # so its enc_leak_mean under "aligned" masks is measured with offset masks: say so.
+            metrics["sd_vae_leakage/encoder_centre_offset_px"] = sd.vae.encoder_centre_offset_px
             metrics["sd_vae_leakage_seconds"] = round(time.perf_counter() - started, 1)
             write_text(args.reports / "decoder_leakage.tsv", profile_table(leak.decoder))
             write_text(args.reports / "encoder_leakage.tsv", profile_table(leak.encoder))

@@ -382,3 +382,16 @@ def test_inpaint_images_rejects_unknown_methods_and_sdedit_without_t0(tiny_vae):
     assert torch.equal(everywhere, out), "sdedit ignores the hole mask"
     with pytest.raises(ValueError, match="sampler kind"):
         Sampler("euler")
+
+
+def test_latent_hole_and_upsample_tiles_follow_the_stride_they_are_given():
+    """A stride-4 VAE on 12x12 masks: tiles of 4 px, not the default 8 (which 12 is not a multiple of)."""
+    tiles = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    tiles[0, 0, 1, 2] = tiles[1, 0, 0, 0] = True
+    hole = upsample_tiles(tiles, grid=4)
+    assert hole.shape == (2, 1, 12, 12) and int(hole.sum()) == 2 * 16
+    assert hole[0, 0, 4:8, 8:12].all() and hole[1, 0, :4, :4].all()
+    for policy in ("nearest", "conservative"):
+        assert torch.equal(latent_hole(hole, policy, grid=4), tiles), policy
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        latent_hole(hole)

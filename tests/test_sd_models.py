@@ -120,3 +120,24 @@ def test_full_size_parameter_counts():
     assert _count(unet) == 859_520_964 and len(unet.state_dict()) == 686
     assert _count(vae) == 83_653_863 and len(vae.state_dict()) == 248
     assert _count(text) == 123_060_480
+
+
+def test_encoder_centre_offset_is_where_the_downsampling_chain_centres_each_latent():
+    """Three SD Downsamples with a uniform kernel: d out(i, j) / d x is a box whose centre is the
+    latent's centre, pixel (8i + 7, 8j + 7), i.e. the tile's middle (8i + 3.5) + 3.5 px."""
+    from diffmodels.sd.vae import Downsample
+
+    chain = torch.nn.Sequential(*(Downsample(1) for _ in range(3))).double()
+    for down in chain:
+        torch.nn.init.constant_(down.conv.weight, 1.0 / 9)
+        torch.nn.init.zeros_(down.conv.bias)
+    x = torch.zeros(1, 1, 64, 64, dtype=torch.float64, requires_grad=True)
+    out = chain(x)
+    vae = AutoencoderKL(VAEConfig(base_channels=8, channel_mult=(1, 2, 2, 2), norm_groups=4))
+    for i, j in ((1, 2), (3, 3), (5, 0)):
+        (grad,) = torch.autograd.grad(out[0, 0, i, j], x, retain_graph=True)
+        w = grad[0, 0]
+        rows, cols = torch.arange(64, dtype=torch.float64)[:, None], torch.arange(64, dtype=torch.float64)[None]
+        centre = (float((w * rows).sum() / w.sum()), float((w * cols).sum() / w.sum()))
+        assert centre == pytest.approx((8 * i + 3.5 + vae.encoder_centre_offset_px, 8 * j + 3.5 + vae.encoder_centre_offset_px))
+    assert vae.encoder_centre_offset_px == 3.5

@@ -178,6 +178,20 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
 
+    @property
+    def encoder_centre_offset_px(self) -> float:
+        """How far (pixels, right and down) the encoder centres latent (i, j) from the middle of
+        the tile [f i, f i + f) x [f j, f j + f) that the decoder paints it into (f = 8).
+
+        Each :class:`Downsample` pads right/bottom and convolves 3x3 at stride 2 without padding,
+        so its output i is centred on input 2i + 1 where an exact 2x2 tiling (our VAE) centres on
+        2i + 0.5: half an input step, 2^k pixels at level k. Over L downsamples the offset is
+        sum_k 2^k / 2 = (2^L - 1) / 2: 3.5 px for v1's three, latent centres on pixel 8i + 7. Mask
+        sets aligned to the 8-px grid are therefore aligned for this decoder, 3.5 px off for this
+        encoder (whose mid-block attention reaches every pixel anyway)."""
+        levels = len(self.config.channel_mult) - 1
+        return (2**levels - 1) / 2
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, 3, H, W) in [-1, 1] -> posterior mean, log-variance (B, z, H/f, W/f), unscaled."""
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
