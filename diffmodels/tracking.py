@@ -136,6 +136,37 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def determinism_tags() -> dict[str, str]:
+    """What a seeded run's exact numbers depend on beyond the seed, as ``determinism.*`` tags.
+
+    Same seed, same machine, same thread count -> the same numbers on CPU. Across machines the
+    last digits may move: PyTorch picks CPU kernels by instruction set (``cpu_capability``) and
+    splits reductions by thread count, and CUDA kernels are not all deterministic unless
+    ``deterministic_algorithms`` is on. Recording these tells two runs' differences apart."""
+    import numpy
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        accelerator = f"cuda {torch.version.cuda}: {torch.cuda.get_device_name(0)}"
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        accelerator = "mps"
+    else:
+        accelerator = "none"
+    return {
+        "determinism.torch": torch.__version__,
+        "determinism.numpy": numpy.__version__,
+        "determinism.python": platform.python_version(),
+        "determinism.threads": str(torch.get_num_threads()),
+        "determinism.interop_threads": str(torch.get_num_interop_threads()),
+        "determinism.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "determinism.machine": f"{platform.machine()} {platform.processor() or platform.system()}",
+        "determinism.accelerator": accelerator,
+        "determinism.deterministic_algorithms": str(torch.are_deterministic_algorithms_enabled()).lower(),
+    }
+
+
 def run_tags(stage: str, root: Path) -> dict[str, str]:
     commit = git_commit(root)
     tags = {
@@ -143,6 +174,7 @@ def run_tags(stage: str, root: Path) -> dict[str, str]:
         "git_commit": commit,
         "mlflow.source.git.commit": commit,
         "pipeline_id": pipeline_id(),
+        **determinism_tags(),
     }
     exp_name = os.environ.get("DVC_EXP_NAME")
     if exp_name:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from diffmodels import tracking
 from diffmodels.config import parse_params
@@ -46,6 +47,12 @@ def test_stage_run_records_tags_params_and_artifacts(mlflow_store, tmp_path, mon
     assert tags["stage"] == "prepare" and tags["mlflow.runName"] == "prepare"
     assert tags["dvc_exp_name"] == "lucky-lark" and tags["pipeline_id"] == "pipe123"
     assert "git_commit" in tags and tags["mlflow.source.git.commit"] == tags["git_commit"]
+    # what the seed's determinism depends on
+    assert tags["determinism.torch"] == torch.__version__
+    assert tags["determinism.threads"] == str(torch.get_num_threads())
+    assert tags["determinism.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert tags["determinism.accelerator"] == ("none" if not torch.cuda.is_available() else tags["determinism.accelerator"])
+    assert tags["determinism.deterministic_algorithms"] in ("true", "false")
     assert stored.data.params["data.resolution"] == "32"
     assert stored.data.params["seed"] == str(params.seed)
     assert not any(k.startswith(("tracking.", "vae.")) for k in stored.data.params)
