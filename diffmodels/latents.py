@@ -131,7 +131,7 @@ def channel_stats(means: torch.Tensor) -> dict[str, list[float]]:
 
 
 def write_split(path: Path, mean: torch.Tensor, logvar: torch.Tensor, labels: np.ndarray, info: dict[str, Any]) -> None:
-    tensors = {"mean": mean, "logvar": logvar, "labels": torch.from_numpy(np.asarray(labels, dtype=np.int16))}
+    tensors = {"mean": mean, "logvar": logvar, "labels": torch.from_numpy(np.array(labels, dtype=np.int16))}  # a copy: labels may be a read-only memmap
     save_checkpoint(path, tensors, {"format": FORMAT, **info})
 
 

@@ -59,7 +59,7 @@ parser.add_argument("--stop-after", type=int, default=None, metavar="N",
 def recon_grid(model: VAE, images: np.ndarray, device: torch.device, ncol: int = 8) -> np.ndarray:
     """Rows of originals each followed by a row of their reconstructions (posterior mean)."""
     with evaluating(model):
-        x = to_model_range(torch.from_numpy(images)).to(device)
+        x = to_model_range(torch.from_numpy(np.array(images))).to(device)  # a copy: images may be a read-only memmap
         recon = to_uint8(model.decode(model.encode(x)[0])).cpu().numpy()
     rows = []
     for i in range(0, len(images), ncol):
