@@ -87,8 +87,13 @@ class UNetConfig:
         if self.mixer == "none":
             return []
         levels = range(len(self.channel_mults))
-        picked = [i for i in levels if 2**i in self.mixer_downsample] + [len(self.channel_mults) - 1]
+        picked = [i for i in levels if self.has_context(2**i)] + [len(self.channel_mults) - 1]
         return sorted({self.base_channels * self.channel_mults[i] for i in picked})
+
+    def has_context(self, factor: int) -> bool:
+        """Whether the level downsampled by ``factor`` (2^level) gets context blocks after its
+        residual blocks (the middle always has one unless ``mixer='none'``)."""
+        return self.mixer != "none" and factor in self.mixer_downsample
 
     def problems(self) -> list[str]:
         """Every constraint this network puts on its config, broken, as one line each naming the
@@ -240,7 +245,7 @@ class UNet(nn.Module):
 
     def _context(self, channels: int, force: bool = False, resolution: int | None = None) -> nn.Module:
         cfg = self.config
-        if cfg.mixer == "none" or not (force or cfg.latent_size // resolution in cfg.mixer_downsample):
+        if cfg.mixer == "none" or not (force or cfg.has_context(cfg.latent_size // resolution)):
             return nn.Identity()
         if cfg.mixer == "attention":
             return AttentionBlock(channels, cfg.attention_heads, cfg.norm_groups)
