@@ -3,7 +3,7 @@
     python -m benchmarks.ddp_step [--nproc 1 2] [--batch 64] [--steps 20] [--out reports/bench]
 
 For each process count the script re-runs itself under torchrun's launcher
-(:func:`diffmodels.distributed.launch`, as the training stages do). Every worker builds the UNet
+(:func:`diffmodels.training.distributed.launch`, as the training stages do). Every worker builds the UNet
 of the ``ddpm`` params (latent side ``data.resolution / 8``, ``latents.channels`` channels, 10
 classes) and takes train_ddpm's step on random latents: its rows of the global batch through
 DDP, the all-reduced loss, clipping, AdamW, EMA. Rank 0 times each step after a warm-up (the
@@ -24,13 +24,17 @@ from pathlib import Path
 
 import torch
 
-from diffmodels import distributed
-from diffmodels.config import load_params
-from diffmodels.ddpm import EMA, diffusion_loss
-from diffmodels.io import write_json
-from diffmodels.schedule import NoiseSchedule
-from diffmodels.train import EpochSampler, Precision, backward_and_step, make_scheduler, select_device
-from diffmodels.unet import UNet, UNetConfig
+from diffmodels.core.config import load_params
+from diffmodels.core.device import select_device
+from diffmodels.core.io import write_json
+from diffmodels.diffusion.objectives import diffusion_loss
+from diffmodels.diffusion.schedule import NoiseSchedule
+from diffmodels.models.unet import UNet, UNetConfig
+from diffmodels.training import distributed
+from diffmodels.training.ema import EMA
+from diffmodels.training.optim import backward_and_step, make_scheduler
+from diffmodels.training.precision import Precision
+from diffmodels.training.state import EpochSampler
 
 NUM_CLASSES = 10
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.measure import time_ms
-from diffmodels.io import write_json
+from diffmodels.core.device import select_device
+from diffmodels.core.io import write_json
 from diffmodels.sd.convert import apply_rows, unet_rows
 from diffmodels.sd.unet import SDUNet, SDUNetConfig
-from diffmodels.train import select_device
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -36,9 +36,9 @@ from torch import Tensor, nn  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from benchmarks.measure import peak_mib, time_ms  # noqa: E402
-from diffmodels.io import write_json  # noqa: E402
-from diffmodels.serpentine import SerpentineBlock  # noqa: E402
-from diffmodels.ssm import selective_scan_reference, ssd_chunked_scan  # noqa: E402
+from diffmodels.core.io import write_json  # noqa: E402
+from diffmodels.models.serpentine import SerpentineBlock  # noqa: E402
+from diffmodels.models.ssm import selective_scan_reference, ssd_chunked_scan  # noqa: E402
 
 GRIDS = (8, 16, 32, 64, 128)
 # The unfused attention stores B * heads * L^2 floats several times over: at 128x128 (B=2, 2 heads)

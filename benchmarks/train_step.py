@@ -4,7 +4,7 @@
 
 For each mixer (serpentine, attention, none) and latent size it builds the UNet of the default
 ``ddpm`` params (context blocks at every level), and times one full training step: the DDPM
-loss (:func:`diffmodels.ddpm.diffusion_loss`), backward, gradient clipping and an AdamW update.
+loss (:func:`diffmodels.diffusion.objectives.diffusion_loss`), backward, gradient clipping and an AdamW update.
 On CUDA it also runs the step under bf16 autocast. Prints a table and writes
 ``<out>/train_step.json``. Timing and memory as in :mod:`benchmarks.measure`.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.measure import peak_mib, time_ms
-from diffmodels.config import load_params
-from diffmodels.ddpm import diffusion_loss
-from diffmodels.io import write_json
-from diffmodels.schedule import NoiseSchedule
-from diffmodels.unet import UNet, UNetConfig
+from diffmodels.core.config import load_params
+from diffmodels.core.io import write_json
+from diffmodels.diffusion.objectives import diffusion_loss
+from diffmodels.diffusion.schedule import NoiseSchedule
+from diffmodels.models.unet import UNet, UNetConfig
 
 MIXERS = ("serpentine", "attention", "none")
 

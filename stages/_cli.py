@@ -7,8 +7,8 @@ import functools
 import sys
 from collections.abc import Callable, Sequence
 
-from diffmodels.errors import DiffmodelsError
-from diffmodels.interrupt import signals_raise
+from diffmodels.core.errors import DiffmodelsError
+from diffmodels.core.interrupt import signals_raise
 
 
 def stage_main(fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> Callable:
@@ -16,7 +16,7 @@ def stage_main(fn: Callable[[argparse.Namespace], None], parser: argparse.Argume
 
     Bugs (any other exception) keep their traceback. Ctrl-C and SIGTERM print one line and exit
     128 + the signal number (130, 143); training stages save a checkpoint first
-    (:mod:`diffmodels.interrupt`) and the MLflow run is marked KILLED.
+    (:mod:`diffmodels.core.interrupt`) and the MLflow run is marked KILLED.
     """
 
     @functools.wraps(fn)

@@ -3,7 +3,7 @@
     python -m stages.cache_latents --prepared data/prepared --vae data/models/vae.safetensors \\
         --out data/latents --reports reports/cache_latents
 
-Layout and the exact scale-factor definition: :mod:`diffmodels.latents`.
+Layout and the exact scale-factor definition: :mod:`diffmodels.data.latent_cache`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import mlflow
 import torch
 from tqdm import tqdm
 
-from diffmodels import latents, tracking
-from diffmodels.config import load_params
-from diffmodels.data import SPLITS, load_split, sha256_file
-from diffmodels.errors import CheckpointError
-from diffmodels.io import atomic_dir, write_json
-from diffmodels.train import select_device
-from diffmodels.vae import load_vae
+from diffmodels.core import tracking
+from diffmodels.core.config import load_params
+from diffmodels.core.device import select_device
+from diffmodels.core.errors import CheckpointError
+from diffmodels.core.io import atomic_dir, write_json
+from diffmodels.data import latent_cache
+from diffmodels.data.datasets import SPLITS, load_split, sha256_file
+from diffmodels.models.vae import load_vae
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("latents",)
@@ -52,20 +53,20 @@ def run(args) -> None:
         for split in SPLITS:
             data = load_split(args.prepared, split)
             bar = lambda it, s=split: tqdm(it, desc=f"encode {s}", unit="batch", leave=False, mininterval=1.0)  # noqa: E731
-            moments[split] = (*latents.encode_images(vae, data.images, bs, device, bar), data.labels)
+            moments[split] = (*latent_cache.encode_images(vae, data.images, bs, device, bar), data.labels)
             images[split] = data.images
 
-        # Scale factor and stats from the train means (diffmodels.latents.SCALE_FACTOR_DEFINITION)
-        scale = latents.scale_factor(moments["train"][0])
-        stats = latents.channel_stats(moments["train"][0])
+        # Scale factor and stats from the train means (diffmodels.data.latent_cache.SCALE_FACTOR_DEFINITION)
+        scale = latent_cache.scale_factor(moments["train"][0])
+        stats = latent_cache.channel_stats(moments["train"][0])
         mean_posterior_std = float(torch.exp(0.5 * moments["train"][1]).mean())
         # Reconstruction through the cache: decode the cached val means (equals train_vae's val PSNR)
-        recon = latents.metrics_from_latents(vae, moments["val"][0], images["val"], bs, device)
+        recon = latent_cache.metrics_from_latents(vae, moments["val"][0], images["val"], bs, device)
 
         manifest = {
-            "format": latents.FORMAT,
+            "format": latent_cache.FORMAT,
             "scale_factor": scale,
-            "scale_factor_definition": latents.SCALE_FACTOR_DEFINITION,
+            "scale_factor_definition": latent_cache.SCALE_FACTOR_DEFINITION,
             "usage": "diffusion sees z = mean * scale_factor (or a posterior sample times it); decode z / scale_factor",
             "layout": "mean, logvar (N, C, H/8, W/8) float32; labels (N,) int16; posterior q(z|x) = N(mean, exp(logvar))",
             "latent_shape": list(moments["train"][0].shape[1:]),
@@ -77,7 +78,7 @@ def run(args) -> None:
         }
         with atomic_dir(args.out) as tmp:
             for split, (mean, logvar, labels) in moments.items():
-                latents.write_split(tmp / f"{split}.safetensors", mean, logvar, labels, {"split": split, "scale_factor": scale})
+                latent_cache.write_split(tmp / f"{split}.safetensors", mean, logvar, labels, {"split": split, "scale_factor": scale})
             write_json(tmp / "manifest.json", manifest)
 
         metrics = {

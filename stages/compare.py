@@ -6,17 +6,18 @@
 Experiments are named as in ``dvc exp show`` (or by a rev prefix; the baseline by its branch
 name). Params and metrics come from ``dvc exp show --json``; curves and images from the workspace
 for stages it holds for that experiment, otherwise from the experiment's MLflow runs. What the
-page shows: :mod:`diffmodels.compare`.
+page shows: :mod:`diffmodels.reporting.compare`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from diffmodels import compare, report, tracking
-from diffmodels.config import load_params
-from diffmodels.errors import DiffmodelsError
-from diffmodels.io import write_text
+from diffmodels.core import tracking
+from diffmodels.core.config import load_params
+from diffmodels.core.errors import DiffmodelsError
+from diffmodels.core.io import write_text
+from diffmodels.reporting import compare, report
 from stages._cli import base_parser, stage_main
 
 parser = base_parser(__doc__.splitlines()[0])

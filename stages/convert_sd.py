@@ -17,10 +17,16 @@ from pathlib import Path
 
 import mlflow
 
-from diffmodels import tracking
-from diffmodels.config import load_params
-from diffmodels.io import write_json
-from diffmodels.sd.weights import HOW_TO, checkpoint_status, convert_source, save_models, verify
+from diffmodels.core import tracking
+from diffmodels.core.config import load_params
+from diffmodels.core.io import write_json
+from diffmodels.sd.weights import (
+    HOW_TO,
+    checkpoint_status,
+    convert_source,
+    save_models,
+    verify,
+)
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("sd",)

@@ -26,20 +26,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffmodels import inpaint, tracking
-from diffmodels.checkpoint import load_checkpoint
-from diffmodels.config import load_params
-from diffmodels.data import load_split
-from diffmodels.ddpm import load_denoiser
-from diffmodels.errors import DataError
-from diffmodels.figures import labelled_grid
-from diffmodels.io import write_json
-from diffmodels.masks import load_mask_set
-from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, fid_kid, inception_features
+from diffmodels.core import tracking
+from diffmodels.core.checkpoint import load_checkpoint
+from diffmodels.core.config import load_params
+from diffmodels.core.device import select_device
+from diffmodels.core.errors import DataError
+from diffmodels.core.io import write_json
+from diffmodels.data.datasets import load_split
+from diffmodels.data.images import to_model_range, to_uint8
+from diffmodels.data.masks import load_mask_set
+from diffmodels.diffusion import inpaint
+from diffmodels.diffusion.denoiser import load_denoiser
+from diffmodels.metrics.fid import (
+    EXTRACTOR,
+    InceptionFeatures,
+    fid_kid,
+    inception_features,
+)
 from diffmodels.metrics.fidelity import preserved_fidelity
 from diffmodels.metrics.seam import seam_score
-from diffmodels.train import select_device
-from diffmodels.vae import load_vae, to_model_range, to_uint8
+from diffmodels.models.vae import load_vae
+from diffmodels.reporting.figures import labelled_grid
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "inpaint", "eval", "data")

@@ -27,15 +27,16 @@ import mlflow
 import numpy as np
 import torch
 
-from diffmodels import tracking
-from diffmodels.config import load_params
-from diffmodels.data import load_split
-from diffmodels.io import write_json, write_text
-from diffmodels.latents import read_scale_factor
-from diffmodels.masks import load_mask_set
+from diffmodels.core import tracking
+from diffmodels.core.config import load_params
+from diffmodels.core.device import select_device
+from diffmodels.core.io import write_json, write_text
+from diffmodels.data.datasets import load_split
+from diffmodels.data.images import to_model_range
+from diffmodels.data.latent_cache import read_scale_factor
+from diffmodels.data.masks import load_mask_set
 from diffmodels.metrics.leakage import profile_table, vae_leakage
-from diffmodels.train import select_device
-from diffmodels.vae import load_vae, to_model_range
+from diffmodels.models.vae import load_vae
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "leakage", "inpaint", "data")

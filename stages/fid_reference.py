@@ -15,12 +15,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from diffmodels import tracking
-from diffmodels.checkpoint import save_checkpoint
-from diffmodels.config import load_params
-from diffmodels.data import load_split
+from diffmodels.core import tracking
+from diffmodels.core.checkpoint import save_checkpoint
+from diffmodels.core.config import load_params
+from diffmodels.core.device import select_device
+from diffmodels.data.datasets import load_split
 from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, inception_features
-from diffmodels.train import select_device
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("eval",)

@@ -16,7 +16,7 @@ import argparse
 import subprocess
 import sys
 
-from diffmodels.vega_offline import DEFAULT_PATH, build_template
+from diffmodels.reporting.vega_offline import DEFAULT_PATH, build_template
 from stages._cli import stage_main
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

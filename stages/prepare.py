@@ -15,12 +15,13 @@ import mlflow
 import numpy as np
 from tqdm import tqdm
 
-from diffmodels import data, tracking
-from diffmodels.config import load_params
-from diffmodels.errors import DataError
-from diffmodels.images import make_grid, save_png
-from diffmodels.io import atomic_dir, write_json, write_text
-from diffmodels.masks import write_mask_sets
+from diffmodels.core import tracking
+from diffmodels.core.config import load_params
+from diffmodels.core.errors import DataError
+from diffmodels.core.io import atomic_dir, write_json, write_text
+from diffmodels.data import datasets
+from diffmodels.data.images import make_grid, save_png
+from diffmodels.data.masks import write_mask_sets
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "data")
@@ -32,7 +33,7 @@ parser.add_argument("--reports", type=Path, default=Path("reports/prepare"))
 parser.add_argument("--raw", type=Path, default=Path("data/raw/fashion-mnist"), help="download cache")
 
 
-def skipped_csv(rows: list[data.Skipped]) -> str:
+def skipped_csv(rows: list[datasets.Skipped]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "reason", "detail"])
@@ -49,9 +50,9 @@ def run(args) -> None:
             return tqdm(items, total=total, desc="decode", unit="img", leave=False, mininterval=1.0, disable=None)
 
         if p.dataset == "fashion_mnist":
-            collected = data.collect_fashion_mnist(args.raw, p.labels, p.resolution, p.channels, progress=bar)
+            collected = datasets.collect_fashion_mnist(args.raw, p.labels, p.resolution, p.channels, progress=bar)
         else:
-            collected = data.collect_folder(Path(p.source), p.labels, p.resolution, p.channels, progress=bar)
+            collected = datasets.collect_folder(Path(p.source), p.labels, p.resolution, p.channels, progress=bar)
 
         # The skip report is written even when too few images remain: it says why.
         write_text(args.reports / "skipped.csv", skipped_csv(collected.skipped))
@@ -62,13 +63,13 @@ def run(args) -> None:
                 f"see {args.reports / 'skipped.csv'}); data.min_images is {p.min_images}"
             )
 
-        splits = data.make_splits(collected, p, seed)
+        splits = datasets.make_splits(collected, p, seed)
         for name, split in splits.items():
             if len(split.images) == 0:
                 raise DataError(f"the {name} split is empty ({usable} usable images); lower data.{name}_fraction caps or add images")
         info = {"source": collected.description, "skipped": len(collected.skipped), "seed": seed}
         with atomic_dir(args.prepared) as tmp:
-            manifest = data.write_prepared(tmp, splits, collected.class_names, info)
+            manifest = datasets.write_prepared(tmp, splits, collected.class_names, info)
         n_masks = min(p.masks_per_set, len(splits["test"].images))
         with atomic_dir(args.masks) as tmp:
             mask_manifest = write_mask_sets(tmp, p.mask_sets, n_masks, p.resolution, seed)

@@ -6,7 +6,7 @@
 FID per sampler, each stage's metric tables, curves and figures as ``dvc.yaml`` declares them,
 links to the stages' MLflow runs, benchmark tables (``reports/bench``) and the params.
 ``metrics.json`` holds the same numbers in one file; ``fid.tsv`` feeds the FID bar chart of
-``dvc plots``. What is shown, and how: :mod:`diffmodels.report`.
+``dvc plots``. What is shown, and how: :mod:`diffmodels.reporting.report`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import mlflow
 
-from diffmodels import report, tracking
-from diffmodels.config import load_params
-from diffmodels.io import write_json, write_text
+from diffmodels.core import tracking
+from diffmodels.core.config import load_params
+from diffmodels.core.io import write_json, write_text
+from diffmodels.reporting import report
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "data", "vae", "latents", "ddpm", "sample", "inpaint", "eval", "sd")

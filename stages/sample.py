@@ -25,21 +25,34 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffmodels import latents as latent_cache
-from diffmodels import tracking
-from diffmodels.checkpoint import load_checkpoint
-from diffmodels.config import load_params
-from diffmodels.ddpm import load_denoiser
-from diffmodels.errors import DiffmodelsError
-from diffmodels.figures import gaussian_blur, labelled_grid
-from diffmodels.images import make_grid, save_png
-from diffmodels.io import write_json
-from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, fid_kid, inception_features
-from diffmodels.samplers import (
-    Step, classifier_free_guidance, ddim_steps, ddim_timesteps, ddpm_steps, run as run_sampler, visual_anagram,
+from diffmodels.core import tracking
+from diffmodels.core.checkpoint import load_checkpoint
+from diffmodels.core.config import load_params
+from diffmodels.core.device import select_device
+from diffmodels.core.errors import DiffmodelsError
+from diffmodels.core.io import write_json
+from diffmodels.data import latent_cache
+from diffmodels.data.images import make_grid, save_png, to_uint8
+from diffmodels.diffusion.denoiser import load_denoiser
+from diffmodels.diffusion.samplers import (
+    Step,
+    classifier_free_guidance,
+    ddim_steps,
+    ddim_timesteps,
+    ddpm_steps,
+    visual_anagram,
 )
-from diffmodels.train import select_device
-from diffmodels.vae import load_vae, to_uint8
+from diffmodels.diffusion.samplers import (
+    run as run_sampler,
+)
+from diffmodels.metrics.fid import (
+    EXTRACTOR,
+    InceptionFeatures,
+    fid_kid,
+    inception_features,
+)
+from diffmodels.models.vae import load_vae
+from diffmodels.reporting.figures import gaussian_blur, labelled_grid
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "sample", "eval")

@@ -31,15 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffmodels import tracking
-from diffmodels.config import load_params
-from diffmodels.data import load_split
-from diffmodels.errors import DiffmodelsError
-from diffmodels.figures import labelled_grid, text_figure
-from diffmodels.io import write_json, write_text
-from diffmodels.latents import ReconMetrics
-from diffmodels.masks import load_mask_set
+from diffmodels.core import tracking
+from diffmodels.core.config import load_params
+from diffmodels.core.errors import DiffmodelsError
+from diffmodels.core.io import write_json, write_text
+from diffmodels.data.datasets import load_split
+from diffmodels.data.latent_cache import ReconMetrics
+from diffmodels.data.masks import load_mask_set
 from diffmodels.metrics.leakage import profile_table, vae_leakage
+from diffmodels.reporting.figures import labelled_grid, text_figure
 from diffmodels.sd.device import choose_placement
 from diffmodels.sd.vae import SCALE_FACTOR as SD_SCALE_FACTOR
 from diffmodels.sd.weights import HOW_TO, load_pipeline

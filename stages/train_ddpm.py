@@ -12,7 +12,7 @@ why. A non-finite loss stops the stage with the last good checkpoint kept.
 Data-parallel: with ``distributed.nproc_per_node`` > 1 the stage re-runs itself under torchrun
 (or run it under torchrun yourself); every process takes its share of each global batch of
 ``ddpm.batch_size`` and rank 0 writes the outs, checkpoints and MLflow run
-(:mod:`diffmodels.distributed`).
+(:mod:`diffmodels.training.distributed`).
 """
 
 from __future__ import annotations
@@ -31,22 +31,32 @@ import torch
 from tqdm import tqdm
 
 import diffmodels
-from diffmodels import latents as latent_cache
-from diffmodels import distributed, tracking
-from diffmodels.config import flatten, load_params
-from diffmodels.ddpm import EMA, diffusion_loss, save_denoiser
-from diffmodels.errors import DataError
-from diffmodels.images import make_grid, save_png
-from diffmodels.interrupt import StopAtStepEnd
-from diffmodels.io import write_json, write_text
-from diffmodels.samplers import classifier_free_guidance, ddim_steps, run as run_sampler
-from diffmodels.schedule import NoiseSchedule
-from diffmodels.train import (
-    EpochSampler, Precision, TrainState, backward_and_step, check_finite, file_digest,
-    fingerprint, make_scheduler, resume, select_device,
+from diffmodels.core import tracking
+from diffmodels.core.config import flatten, load_params
+from diffmodels.core.device import select_device
+from diffmodels.core.errors import DataError
+from diffmodels.core.interrupt import StopAtStepEnd
+from diffmodels.core.io import write_json, write_text
+from diffmodels.data import latent_cache
+from diffmodels.data.images import make_grid, save_png, to_uint8
+from diffmodels.diffusion.denoiser import save_denoiser
+from diffmodels.diffusion.objectives import diffusion_loss
+from diffmodels.diffusion.samplers import classifier_free_guidance, ddim_steps
+from diffmodels.diffusion.samplers import run as run_sampler
+from diffmodels.diffusion.schedule import NoiseSchedule
+from diffmodels.models.unet import UNet, UNetConfig
+from diffmodels.models.vae import load_vae
+from diffmodels.training import distributed
+from diffmodels.training.ema import EMA
+from diffmodels.training.optim import backward_and_step, check_finite, make_scheduler
+from diffmodels.training.precision import Precision
+from diffmodels.training.state import (
+    EpochSampler,
+    TrainState,
+    file_digest,
+    fingerprint,
+    resume,
 )
-from diffmodels.unet import UNet, UNetConfig
-from diffmodels.vae import load_vae, to_uint8
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "ddpm")
@@ -230,7 +240,7 @@ def train(args, params, world: distributed.World) -> None:
             "step": p.steps,
             "seed": seed,
         }
-        save_denoiser(args.out, model, ema, meta)
+        save_denoiser(args.out, model, ema.state_dict(), meta)
         lines = ["\t".join(LOSS_COLUMNS)] + ["\t".join([str(int(r[0]))] + [f"{v:.6g}" for v in r[1:]]) for r in history]
         write_text(args.reports / "loss.tsv", "\n".join(lines) + "\n")
         final = sample_strip(ema_model(), schedule, vae, scale, p, num_classes, device, seed)

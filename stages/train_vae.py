@@ -11,7 +11,7 @@ says why. The checkpoint is removed once the outs are written.
 Data-parallel: with ``distributed.nproc_per_node`` > 1 the stage re-runs itself under torchrun
 (or run it under torchrun yourself); every process takes its share of each global batch of
 ``vae.batch_size`` and rank 0 writes the outs, checkpoints and MLflow run
-(:mod:`diffmodels.distributed`).
+(:mod:`diffmodels.training.distributed`).
 """
 
 from __future__ import annotations
@@ -28,19 +28,39 @@ import torch
 from tqdm import tqdm
 
 import diffmodels
-from diffmodels import distributed, tracking
-from diffmodels.config import flatten, load_params
-from diffmodels.data import load_split
-from diffmodels.errors import DataError
-from diffmodels.images import make_grid, save_png
-from diffmodels.interrupt import StopAtStepEnd
-from diffmodels.io import write_json, write_text
-from diffmodels.latents import reconstruction_metrics
-from diffmodels.train import (
-    EpochSampler, Precision, TrainState, backward_and_step, check_finite, evaluating, file_digest,
-    fingerprint, make_scheduler, resume, select_device,
+from diffmodels.core import tracking
+from diffmodels.core.config import flatten, load_params
+from diffmodels.core.device import evaluating, select_device
+from diffmodels.core.errors import DataError
+from diffmodels.core.interrupt import StopAtStepEnd
+from diffmodels.core.io import write_json, write_text
+from diffmodels.data.datasets import load_split
+from diffmodels.data.images import (
+    make_grid,
+    save_png,
+    to_model_range,
+    to_uint8,
 )
-from diffmodels.vae import GRID, VAE, VAEConfig, decoder_halo, num_parameters, save_vae, to_model_range, to_uint8, vae_loss
+from diffmodels.data.latent_cache import reconstruction_metrics
+from diffmodels.models.vae import (
+    GRID,
+    VAE,
+    VAEConfig,
+    decoder_halo,
+    num_parameters,
+    save_vae,
+    vae_loss,
+)
+from diffmodels.training import distributed
+from diffmodels.training.optim import backward_and_step, check_finite, make_scheduler
+from diffmodels.training.precision import Precision
+from diffmodels.training.state import (
+    EpochSampler,
+    TrainState,
+    file_digest,
+    fingerprint,
+    resume,
+)
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "vae", "latents")

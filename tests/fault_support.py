@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from diffmodels import latents
-from diffmodels.config import load_params
-from diffmodels.data import load_split
-from diffmodels.ddpm import EMA, save_denoiser
-from diffmodels.io import write_json
-from diffmodels.masks import write_mask_sets
-from diffmodels.unet import UNet, UNetConfig
-from diffmodels.vae import VAE, VAEConfig, save_vae
+from diffmodels.core.config import load_params
+from diffmodels.core.io import write_json
+from diffmodels.data import latent_cache
+from diffmodels.data.datasets import load_split
+from diffmodels.data.masks import write_mask_sets
+from diffmodels.diffusion.denoiser import save_denoiser
+from diffmodels.models.unet import UNet, UNetConfig
+from diffmodels.models.vae import VAE, VAEConfig, save_vae
+from diffmodels.training.ema import EMA
 from tests.vae_support import ROOT, tiny_params, tiny_prepared
 
 # train_ddpm at 2x2 latents: 30 steps, checkpoints at 10, 20, 30; little logging so that the
@@ -51,10 +52,10 @@ def tiny_workdir(root: Path, ddpm: dict | None = None) -> Path:
     with torch.no_grad():
         for split in ("train", "val", "test"):
             images = load_split(root / "prepared", split)
-            mean, logvar = latents.encode_images(vae, images.images, 16, torch.device("cpu"))
+            mean, logvar = latent_cache.encode_images(vae, images.images, 16, torch.device("cpu"))
             if split == "train":
-                scale = latents.scale_factor(mean)
-            latents.write_split(root / "latents" / f"{split}.safetensors", mean, logvar, images.labels.copy(),
+                scale = latent_cache.scale_factor(mean)
+            latent_cache.write_split(root / "latents" / f"{split}.safetensors", mean, logvar, images.labels.copy(),
                                 {"split": split, "scale_factor": scale})
     write_json(root / "latents" / "manifest.json", {"scale_factor": scale})
 
@@ -62,7 +63,7 @@ def tiny_workdir(root: Path, ddpm: dict | None = None) -> Path:
     cfg = UNetConfig.from_params(p, in_channels=params.latents.channels, latent_size=2, num_classes=0,
                                  attention_heads=4, serpentine_directions=2, serpentine_merge="mean", dropout=0.0)
     unet = UNet(cfg)
-    save_denoiser(root / "ddpm.safetensors", unet, EMA(unet, 0.9), {
+    save_denoiser(root / "ddpm.safetensors", unet, EMA(unet, 0.9).state_dict(), {
         "unet": cfg.to_dict(), "prediction": p.prediction, "scale_factor": scale, "class_names": [],
         "schedule": {"kind": p.schedule, "num_steps": p.num_steps, "beta_start": p.beta_start, "beta_end": p.beta_end},
     })

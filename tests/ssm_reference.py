@@ -1,6 +1,6 @@
 """Plain float64 references of SelectiveSSM and SerpentineBlock, written from the equations with
 explicit loops over time steps, heads and snake paths. Only the modules' weights are read; none of
-diffmodels.ssm / diffmodels.serpentine's functions is called, so the tests compare two
+diffmodels.models.ssm / diffmodels.models.serpentine's functions is called, so the tests compare two
 independent computations."""
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from diffmodels.checkpoint import load_checkpoint, save_checkpoint
-from diffmodels.vae import VAE, VAEConfig
+from diffmodels.core.checkpoint import load_checkpoint, save_checkpoint
+from diffmodels.models.vae import VAE, VAEConfig
 from stages import cache_latents, eval_inpaint, prepare, train_ddpm, train_vae
 from tests.conftest import params_with, save_image
 from tests.fault_support import ddpm_args, shared_store, tiny_workdir

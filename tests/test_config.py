@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import yaml
 
-from diffmodels.config import Params, flatten, load_params, parse_params
-from diffmodels.errors import ParamsError
+from diffmodels.core.config import Params, flatten, load_params, parse_params
+from diffmodels.core.errors import ParamsError
 from tests.conftest import ROOT, params_with
 
 
@@ -130,7 +130,7 @@ def test_params_that_validate_build_a_unet_and_params_that_fail_do_not():
     """problems() is exactly the set of configs UNet rejects, over a grid of widths and heads."""
     import torch
 
-    from diffmodels.unet import UNet, UNetConfig
+    from diffmodels.models.unet import UNet, UNetConfig
 
     base = parse_params(params_with()).ddpm
     for mixer in ("serpentine", "attention"):

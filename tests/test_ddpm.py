@@ -2,9 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from diffmodels.ddpm import EMA, diffusion_loss
-from diffmodels.schedule import NoiseSchedule
-from diffmodels.unet import UNet, UNetConfig
+from diffmodels.diffusion.objectives import diffusion_loss
+from diffmodels.diffusion.schedule import NoiseSchedule
+from diffmodels.models.unet import UNet, UNetConfig
+from diffmodels.training.ema import EMA
 
 
 def test_ema_update_formula():

@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from diffmodels.checkpoint import load_checkpoint
-from diffmodels.ddpm import load_denoiser
+from diffmodels.core.checkpoint import load_checkpoint
+from diffmodels.diffusion.denoiser import load_denoiser
 from stages import cache_latents, train_ddpm, train_vae
 from tests.vae_support import tiny_params, tiny_prepared
 

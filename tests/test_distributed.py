@@ -15,14 +15,15 @@ import pytest
 import torch
 import yaml
 
-from diffmodels.checkpoint import load_checkpoint
-from diffmodels.config import parse_params
-from diffmodels.ddpm import diffusion_loss, load_denoiser
-from diffmodels.schedule import NoiseSchedule
-from diffmodels.unet import UNet, UNetConfig
-from diffmodels.distributed import World, backend_for
-from diffmodels.errors import DiffmodelsError, ParamsError
-from diffmodels.vae import load_vae
+from diffmodels.core.checkpoint import load_checkpoint
+from diffmodels.core.config import parse_params
+from diffmodels.core.errors import DiffmodelsError, ParamsError
+from diffmodels.diffusion.denoiser import load_denoiser
+from diffmodels.diffusion.objectives import diffusion_loss
+from diffmodels.diffusion.schedule import NoiseSchedule
+from diffmodels.models.unet import UNet, UNetConfig
+from diffmodels.models.vae import load_vae
+from diffmodels.training.distributed import World, backend_for
 from stages import cache_latents, train_ddpm, train_vae
 from tests.conftest import params_with
 from tests.test_ddpm_stage import TINY_DDPM, ddpm_args

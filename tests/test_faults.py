@@ -19,13 +19,19 @@ import pytest
 import torch
 import yaml
 
-from diffmodels import checkpoint as checkpoint_module
-from diffmodels import interrupt, tracking
-from diffmodels.checkpoint import load_checkpoint, save_checkpoint
-from diffmodels.errors import CheckpointError, TrackingError
+from diffmodels.core import checkpoint as checkpoint_module
+from diffmodels.core import interrupt, tracking
+from diffmodels.core.checkpoint import load_checkpoint, save_checkpoint
+from diffmodels.core.errors import CheckpointError, TrackingError
 from stages import train_ddpm, train_vae
 from tests.conftest import single_thread
-from tests.fault_support import ddpm_args, shared_store, stage_command, stage_env, tiny_workdir
+from tests.fault_support import (
+    ddpm_args,
+    shared_store,
+    stage_command,
+    stage_env,
+    tiny_workdir,
+)
 from tests.vae_support import ROOT, tiny_params, tiny_prepared
 
 CKPT = "ckpt/last.safetensors"
@@ -225,7 +231,7 @@ def test_stop_at_step_end_semantics():
 
 
 def test_sigterm_outside_a_training_loop_marks_the_run_killed(store, tmp_path, capsys):
-    from diffmodels.config import load_params
+    from diffmodels.core.config import load_params
     from stages._cli import base_parser, stage_main
 
     def stage(args):
@@ -303,8 +309,8 @@ WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import mlflow
-    from diffmodels import tracking
-    from diffmodels.config import load_params
+    from diffmodels.core import tracking
+    from diffmodels.core.config import load_params
 
     name, go = sys.argv[1], Path(sys.argv[2])
     params = load_params(sys.argv[3])
@@ -375,7 +381,7 @@ def test_locked_database_is_retried_with_backoff_then_one_line():
 
 
 def test_stage_run_makes_the_store_writes_retry(store):
-    from diffmodels.config import load_params
+    from diffmodels.core.config import load_params
 
     with tracking.stage_run("probe", load_params(ROOT / "params.yaml"), ("seed",)):
         the_store = mlflow.MlflowClient(store)._tracking_client.store

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from diffmodels.metrics.fid import (
-    EXTRACTOR, InceptionFeatures, _Precomputed, fid_kid, frechet_distance, inception_features, resize_bilinear_tf1,
+    EXTRACTOR,
+    InceptionFeatures,
+    _Precomputed,
+    fid_kid,
+    frechet_distance,
+    inception_features,
+    resize_bilinear_tf1,
 )
 
 

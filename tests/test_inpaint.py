@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffmodels.inpaint import (
+from diffmodels.data.masks import make_mask
+from diffmodels.diffusion.inpaint import (
     Sampler,
     clamp_mean,
     inpaint_images,
@@ -18,10 +19,9 @@ from diffmodels.inpaint import (
     sdedit,
     upsample_tiles,
 )
-from diffmodels.masks import make_mask
-from diffmodels.samplers import ddim_steps, ddpm_steps, run
-from diffmodels.schedule import NoiseSchedule
-from diffmodels.vae import VAE, VAEConfig
+from diffmodels.diffusion.samplers import ddim_steps, ddpm_steps, run
+from diffmodels.diffusion.schedule import NoiseSchedule
+from diffmodels.models.vae import VAE, VAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,9 +9,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffmodels.checkpoint import FORMAT, join_tensors, load_checkpoint, load_module_state, save_checkpoint, split_tensors
-from diffmodels.errors import CheckpointError
-from diffmodels.io import atomic_dir, atomic_path, write_json, write_text
+from diffmodels.core.checkpoint import (
+    FORMAT,
+    join_tensors,
+    load_checkpoint,
+    load_module_state,
+    save_checkpoint,
+    split_tensors,
+)
+from diffmodels.core.errors import CheckpointError
+from diffmodels.core.io import atomic_dir, atomic_path, write_json, write_text
 
 
 def test_write_json_is_sorted_and_rejects_nan(tmp_path):
@@ -42,7 +49,7 @@ def test_sigkill_mid_write_leaves_old_file_intact(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, sys, time
-        from diffmodels.io import atomic_path
+        from diffmodels.core.io import atomic_path
         with atomic_path({str(path)!r}) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(b"new" * 1000)
@@ -161,7 +168,7 @@ def test_load_module_state_lists_mismatches_in_one_line(tmp_path):
 
 def test_checkpoints_of_equal_contents_are_byte_identical_across_processes(tmp_path):
     """DVC hashes outs: identical weights must give identical files, whichever process wrote them."""
-    code = ("import sys, torch; from diffmodels.checkpoint import save_checkpoint; "
+    code = ("import sys, torch; from diffmodels.core.checkpoint import save_checkpoint; "
             "save_checkpoint(sys.argv[1], {'w': torch.arange(4.0), 'b': torch.ones(2)}, {'step': 3, 'cfg': {'a': 1, 'b': [2]}})")
     digests = set()
     for i in range(4):  # safetensors' metadata order varies with each process's hash seed

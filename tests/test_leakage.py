@@ -8,12 +8,18 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-from diffmodels.inpaint import upsample_tiles
-from diffmodels.metrics.fidelity import masked_mae, masked_psnr, masked_ssim, preserved_fidelity, ssim_map
+from diffmodels.diffusion.inpaint import upsample_tiles
+from diffmodels.metrics.fidelity import (
+    masked_mae,
+    masked_psnr,
+    masked_ssim,
+    preserved_fidelity,
+    ssim_map,
+)
 from diffmodels.metrics.leakage import (
-    _others_or_random,
     LEVEL,
     LeakageProfile,
+    _others_or_random,
     binned_mean,
     decoder_leakage,
     distance_to_hole,
@@ -27,7 +33,7 @@ from diffmodels.metrics.leakage import (
     vae_leakage,
 )
 from diffmodels.metrics.seam import boundary_band, seam_score
-from diffmodels.vae import VAE, VAEConfig, decoder_halo
+from diffmodels.models.vae import VAE, VAEConfig, decoder_halo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,9 +2,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmodels.config import MASK_SETS
-from diffmodels.errors import DataError
-from diffmodels.masks import GRID, load_mask_set, make_mask, make_mask_set, shift, write_mask_sets
+from diffmodels.core.config import MASK_SETS
+from diffmodels.core.errors import DataError
+from diffmodels.data.masks import (
+    GRID,
+    load_mask_set,
+    make_mask,
+    make_mask_set,
+    shift,
+    write_mask_sets,
+)
 
 SIZE = 64
 

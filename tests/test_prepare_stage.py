@@ -9,7 +9,7 @@ import sys
 import mlflow
 import numpy as np
 
-from diffmodels.masks import load_mask_set
+from diffmodels.data.masks import load_mask_set
 from tests.conftest import ROOT
 
 

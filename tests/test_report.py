@@ -16,8 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from diffmodels import compare, htmlpage, report
-from diffmodels.errors import DiffmodelsError
+from diffmodels.core.errors import DiffmodelsError
+from diffmodels.reporting import compare, report
 from tests import browser
 from tests.conftest import ROOT, params_with
 
@@ -296,13 +296,13 @@ def test_pages_render_in_chromium(project, tmp_path):
 @pytest.fixture(scope="module")
 def offline_template(tmp_path_factory):
     pytest.importorskip("vl_convert")
-    from diffmodels import vega_offline
+    from diffmodels.reporting import vega_offline
 
     return vega_offline.build_template(tmp_path_factory.mktemp("vega") / "t.html")
 
 
 def test_offline_plots_template(offline_template):
-    from diffmodels import vega_offline
+    from diffmodels.reporting import vega_offline
 
     page = vega_offline.render_template("var x = '</script>';", {"vega": "6", "vega_lite": "5.21", "vega_embed": "7",
                                                                  "vl_convert": "1"})
@@ -323,7 +323,7 @@ def test_dvc_plots_render_offline(offline_template, tmp_path):
     import subprocess
     import sys
 
-    from diffmodels import vega_offline
+    from diffmodels.reporting import vega_offline
 
     repo = tmp_path / "repo"
     write(repo / "dvc.yaml", "plots:\n  - loss.tsv:\n      x: step\n      y: loss\n")

@@ -4,8 +4,14 @@
 import pytest
 import torch
 
-from diffmodels.samplers import classifier_free_guidance, ddim_steps, ddim_timesteps, ddpm_steps, run
-from diffmodels.schedule import NoiseSchedule
+from diffmodels.diffusion.samplers import (
+    classifier_free_guidance,
+    ddim_steps,
+    ddim_timesteps,
+    ddpm_steps,
+    run,
+)
+from diffmodels.diffusion.schedule import NoiseSchedule
 
 
 def toy_model(x, t):
@@ -188,7 +194,7 @@ def test_visual_anagram_averages_upright_and_unflipped_predictions():
     flip = lambda x: x.flip(-2)  # noqa: E731
     up = lambda x, t: x * 2.0  # noqa: E731
     down = lambda x, t: x + t.reshape(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
-    from diffmodels.samplers import visual_anagram
+    from diffmodels.diffusion.samplers import visual_anagram
 
     x, t = torch.randn(2, 1, 4, 3), torch.tensor([3, 5])
     out = visual_anagram(up, down, flip)(x, t)

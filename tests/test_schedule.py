@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffmodels.schedule import NoiseSchedule, make_betas
+from diffmodels.diffusion.schedule import NoiseSchedule, make_betas
 
 KINDS = [("linear", 1e-4, 2e-2), ("scaled_linear", 0.00085, 0.012), ("cosine", 1e-4, 2e-2)]
 

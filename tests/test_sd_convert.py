@@ -15,9 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffmodels.errors import CheckpointError
-from diffmodels.schedule import NoiseSchedule
-from diffmodels.sd.convert import convert_checkpoint, convert_diffusers_folder, convert_state_dict, weights_only_refusal
+from diffmodels.core.errors import CheckpointError
+from diffmodels.diffusion.schedule import NoiseSchedule
+from diffmodels.sd.convert import (
+    convert_checkpoint,
+    convert_diffusers_folder,
+    convert_state_dict,
+    weights_only_refusal,
+)
 
 sd_reference = pytest.importorskip("sd_reference")
 CONFIGS = sd_reference.CONFIGS

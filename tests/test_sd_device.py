@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffmodels.errors import DiffmodelsError
+from diffmodels.core.errors import DiffmodelsError
 from diffmodels.sd.clip import CLIPTextConfig, CLIPTextEncoder
 from diffmodels.sd.device import Placement, choose_placement, resolve_dtype
 from diffmodels.sd.pipeline import StableDiffusion

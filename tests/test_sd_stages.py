@@ -11,14 +11,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from diffmodels.config import parse_params
-from diffmodels.errors import ParamsError
-from diffmodels.masks import write_mask_sets
+from diffmodels.core.config import parse_params
+from diffmodels.core.errors import ParamsError
+from diffmodels.data.masks import write_mask_sets
 from diffmodels.sd.weights import load_models
 from stages import convert_sd, sd_baselines
 from tests.conftest import params_with
 from tests.vae_support import tiny_prepared
-
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from diffmodels.errors import CheckpointError
+from diffmodels.core.errors import CheckpointError
 from diffmodels.sd.tokenizer import PATTERN, STDLIB_PATTERN, CLIPTokenizer, clean
 
 transformers = pytest.importorskip("transformers")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ssm_reference import serpentine_reference, snake_path
 from torch import nn
 
-from diffmodels.serpentine import (
+from diffmodels.models.serpentine import (
     ORDERS,
     SerpentineBlock,
     block_orders,
@@ -15,7 +16,6 @@ from diffmodels.serpentine import (
     scan_indices,
     unscan,
 )
-from ssm_reference import serpentine_reference, snake_path
 
 SIZES = [(1, 1), (1, 7), (5, 3), (8, 8), (7, 12)]
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from diffmodels.ssm import SelectiveSSM, decay, selective_scan_reference, ssd_chunked_scan
 from ssm_reference import ssm_reference
+
+from diffmodels.models.ssm import (
+    SelectiveSSM,
+    decay,
+    selective_scan_reference,
+    ssd_chunked_scan,
+)
 
 
 def _inputs(b, l, h, p, n, *, dtype=torch.float64, seed=0, dt_range=(1e-3, 1.0)):

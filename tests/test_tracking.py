@@ -8,9 +8,9 @@ import mlflow
 import pytest
 import torch
 
-from diffmodels import tracking
-from diffmodels.config import parse_params
-from diffmodels.errors import TrackingError
+from diffmodels.core import tracking
+from diffmodels.core.config import parse_params
+from diffmodels.core.errors import TrackingError
 from tests.conftest import ROOT, params_with
 
 
@@ -106,7 +106,7 @@ def test_pipeline_id_is_shared_by_the_children_of_one_dvc_process(tmp_path, monk
     """Stages launched by one `dvc` process share an id; another launch gets another id."""
     monkeypatch.delenv("DIFFMODELS_PIPELINE_ID", raising=False)
     fake_dvc = tmp_path / "dvc"
-    probe = f"{sys.executable} -c 'from diffmodels.tracking import pipeline_id; print(pipeline_id())'"
+    probe = f"{sys.executable} -c 'from diffmodels.core.tracking import pipeline_id; print(pipeline_id())'"
     fake_dvc.write_text(f"#!/bin/sh\n{probe}\n{probe}\n")
     fake_dvc.chmod(0o755)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

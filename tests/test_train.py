@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from diffmodels.checkpoint import save_checkpoint
-from diffmodels.errors import CheckpointError, TrainingError
-from diffmodels.train import (
-    EpochSampler, Precision, TrainState, check_finite, make_scheduler, resume, select_device, warmup_cosine,
-)
+from diffmodels.core.checkpoint import save_checkpoint
+from diffmodels.core.device import select_device
+from diffmodels.core.errors import CheckpointError, TrainingError
+from diffmodels.training.optim import check_finite, make_scheduler, warmup_cosine
+from diffmodels.training.precision import Precision
+from diffmodels.training.state import EpochSampler, TrainState, resume
 
 
 def test_warmup_then_cosine_to_zero():

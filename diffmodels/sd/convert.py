@@ -40,8 +40,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from diffmodels.errors import CheckpointError
-from diffmodels.schedule import NoiseSchedule
+from diffmodels.core.errors import CheckpointError
+from diffmodels.diffusion.schedule import NoiseSchedule
 from diffmodels.sd.clip import CLIPTextConfig, CLIPTextEncoder
 from diffmodels.sd.unet import SDUNet, SDUNetConfig
 from diffmodels.sd.vae import AutoencoderKL, VAEConfig

@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from diffmodels.errors import DiffmodelsError
-from diffmodels.train import select_device
+from diffmodels.core.device import select_device
+from diffmodels.core.errors import DiffmodelsError
 
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -8,7 +8,7 @@
     images = sd.anagram(["an old man"], ["a campfire"], flip="vertical", generator=g)
 
 The networks, the schedule and the sampler meet only here (STYLE rule 3): the UNet is wrapped as
-``denoise_fn(x, t)`` for the shared samplers (:mod:`diffmodels.samplers`), whose t runs 1..T
+``denoise_fn(x, t)`` for the shared samplers (:mod:`diffmodels.diffusion.samplers`), whose t runs 1..T
 while the UNet was trained on the 0-based index t - 1. Latents are scaled by 0.18215 before
 diffusion and unscaled before decoding. Every path's last DDIM step lands on alpha_bar_1 =
 1 - beta_1, not on 1, as in LDM's sampler and v1-5's scheduler config (``set_alpha_to_one=False``).
@@ -34,8 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffmodels.samplers import DenoiseFn, FinalAlphaBar, Step, ddim_steps, ddim_timesteps, run, visual_anagram
-from diffmodels.schedule import NoiseSchedule
+from diffmodels.diffusion.samplers import (
+    DenoiseFn,
+    FinalAlphaBar,
+    Step,
+    ddim_steps,
+    ddim_timesteps,
+    run,
+    visual_anagram,
+)
+from diffmodels.diffusion.schedule import NoiseSchedule
 from diffmodels.sd.clip import CLIPTextEncoder
 from diffmodels.sd.device import Placement
 from diffmodels.sd.tokenizer import CLIPTokenizer
@@ -62,7 +70,7 @@ def sd_schedule() -> NoiseSchedule:
 def sd_timesteps(steps: int, num_train_steps: int = 1000, spacing: Spacing = "leading") -> list[int]:
     """DDIM steps in our 1-based t, descending. "leading" is LDM's: 0-based i * (T // steps) + 1
     for i < steps, i.e. 982, 962, ..., 2 for 50 steps (diffusers: leading with steps_offset=1); "trailing"
-    starts at t = T (:func:`diffmodels.samplers.ddim_timesteps`)."""
+    starts at t = T (:func:`diffmodels.diffusion.samplers.ddim_timesteps`)."""
     if spacing == "trailing":
         return ddim_timesteps(steps, num_train_steps)
     if spacing != "leading":
@@ -259,7 +267,7 @@ class StableDiffusion:
         ``upright[i]`` as they are and as ``flipped[i]`` after ``flip`` (a name in :data:`FLIPS`,
         or any self-inverse pixel permutation of latents). Each step averages the guided eps of
         the upright latent under prompt A with the un-flipped guided eps of the flipped latent
-        under prompt B (:func:`diffmodels.samplers.visual_anagram`); the flip acts on the latent
+        under prompt B (:func:`diffmodels.diffusion.samplers.visual_anagram`); the flip acts on the latent
         grid, which the VAE maps to (nearly) the flipped image."""
         if len(upright) != len(flipped):
             raise ValueError(f"{len(upright)} upright prompts for {len(flipped)} flipped prompts")

@@ -46,7 +46,7 @@ try:  # the `regex` package knows \p{L} / \p{N}; diffusers depends on it
 except ImportError:
     _PATTERN = re.compile(STDLIB_PATTERN, re.IGNORECASE)
 
-from diffmodels.errors import CheckpointError
+from diffmodels.core.errors import CheckpointError
 
 VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmodels.unet import timestep_embedding
+from diffmodels.models.unet import timestep_embedding
 
 
 @dataclass(frozen=True)

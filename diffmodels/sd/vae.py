@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmodels.sd.unet import Upsample  # nearest x2 then a 3x3 conv, the same in both networks
+from diffmodels.sd.unet import (
+    Upsample,  # nearest x2 then a 3x3 conv, the same in both networks
+)
 
 SCALE_FACTOR = 0.18215
 

@@ -5,7 +5,7 @@
     save_models("data/models/sd/sd.safetensors", models, "v1-5", info)
     sd = load_pipeline("data/models/sd/sd.safetensors", placement)
 
-The saved file is a diffmodels checkpoint (:mod:`diffmodels.checkpoint`): tensors ``unet/...``,
+The saved file is a diffmodels checkpoint (:mod:`diffmodels.core.checkpoint`): tensors ``unet/...``,
 ``vae/...``, ``text_encoder/...`` in our module names, with the three configs embedded, so it
 rebuilds the models alone (STYLE rule 2).
 """
@@ -18,8 +18,12 @@ from typing import Any
 
 import torch
 
-from diffmodels.checkpoint import load_checkpoint, load_module_state, save_checkpoint
-from diffmodels.errors import CheckpointError
+from diffmodels.core.checkpoint import (
+    load_checkpoint,
+    load_module_state,
+    save_checkpoint,
+)
+from diffmodels.core.errors import CheckpointError
 from diffmodels.sd.clip import CLIPTextConfig, CLIPTextEncoder
 from diffmodels.sd.convert import SDModels, convert_checkpoint, convert_diffusers_folder
 from diffmodels.sd.device import Placement

@@ -4,14 +4,14 @@ Who sends what
     Ctrl-C in a terminal and ``dvc queue kill`` send SIGINT; ``kill``, ``timeout``, batch
     schedulers (Slurm on pre-emption) and container runtimes send SIGTERM, then SIGKILL after a
     grace period.
-    SIGKILL cannot be caught: atomic checkpoint writes (:mod:`diffmodels.io`) and resume
-    (:func:`diffmodels.train.resume`) cover it.
+    SIGKILL cannot be caught: atomic checkpoint writes (:mod:`diffmodels.core.io`) and resume
+    (:func:`diffmodels.training.state.resume`) cover it.
 
 Two layers
     :func:`signals_raise` (every stage entry point, ``stages/_cli.py``): SIGTERM raises
     :class:`Interrupted` wherever the program is, as Ctrl-C raises ``KeyboardInterrupt``, so
     ``with`` blocks unwind: temporary files are removed and
-    :func:`diffmodels.tracking.stage_run` marks the MLflow run KILLED.
+    :func:`diffmodels.core.tracking.stage_run` marks the MLflow run KILLED.
 
     :class:`StopAtStepEnd` (around a training loop): both signals only set a flag; the loop
     calls :meth:`StopAtStepEnd.step_done` after each step, which saves a checkpoint and raises
@@ -105,7 +105,7 @@ class StopAtStepEnd:
     def step_done(self, agree: Callable[[bool], bool] | None = None) -> None:
         """Call at a step boundary: with a signal pending, save and raise :class:`Interrupted`.
 
-        ``agree`` (several training processes, e.g. :meth:`diffmodels.distributed.World.any`)
+        ``agree`` (several training processes, e.g. :meth:`diffmodels.training.distributed.World.any`)
         turns this process's "a signal is pending" into "any process has one", so every process
         stops after the same step; ``save`` then writes on rank 0 only."""
         pending = self.signum is not None

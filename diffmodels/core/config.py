@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 
-from diffmodels.errors import ParamsError
+from diffmodels.core.errors import ParamsError
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class VaeParams:
-    # Architecture (diffmodels/vae.py; stored in the weights file)
+    # Architecture (diffmodels/models/vae.py; stored in the weights file)
     base_channels: Annotated[int, Range(ge=1, le=1024)]
     channel_mult: tuple[Annotated[int, Range(ge=1, le=64)], ...]
     blocks_per_level: Annotated[int, Range(ge=1, le=8)]
@@ -127,7 +127,7 @@ class VaeParams:
     # Objective
     loss: Literal["l1", "mse"]
     beta_kl: Annotated[float, Range(ge=0.0)]
-    # Optimisation (diffmodels/train.py)
+    # Optimisation (diffmodels/training/state.py)
     lr: Annotated[float, Range(gt=0.0, le=1.0)]
     weight_decay: Annotated[float, Range(ge=0.0)]
     warmup_steps: Annotated[int, Range(ge=0)]
@@ -162,14 +162,14 @@ class LatentsParams:
 
 @dataclass(frozen=True)
 class DdpmParams:
-    # Diffusion (diffmodels/schedule.py)
+    # Diffusion (diffmodels/diffusion/schedule.py)
     schedule: Literal["linear", "scaled_linear", "cosine"]
     num_steps: Annotated[int, Range(ge=2, le=10000)]
     beta_start: Annotated[float, Range(gt=0.0, lt=1.0)]
     beta_end: Annotated[float, Range(gt=0.0, lt=1.0)]
     prediction: Literal["eps", "x0", "v"]
     latent_source: Literal["mean", "sample"]
-    # Denoiser (diffmodels/unet.py, diffmodels/serpentine.py)
+    # Denoiser (diffmodels/models/unet.py, diffmodels/models/serpentine.py)
     mixer: Literal["serpentine", "attention", "none"]
     mixer_downsample: tuple[Annotated[int, Range(ge=1)], ...]  # 1 = latent grid, 2 = half side, ...
     base_channels: Annotated[int, Range(ge=8, le=2048)]
@@ -183,7 +183,7 @@ class DdpmParams:
     dropout: Fraction
     conditional: bool
     cond_dropout: Fraction
-    # Optimisation (diffmodels/train.py)
+    # Optimisation (diffmodels/training/state.py)
     lr: Annotated[float, Range(gt=0.0, le=1.0)]
     weight_decay: Annotated[float, Range(ge=0.0)]
     warmup_steps: Annotated[int, Range(ge=0)]
@@ -311,7 +311,7 @@ class SdParams:
 
 @dataclass(frozen=True)
 class DistributedParams:
-    # Data-parallel training of train_vae and train_ddpm (diffmodels/distributed.py)
+    # Data-parallel training of train_vae and train_ddpm (diffmodels/training/distributed.py)
     nproc_per_node: Annotated[int, Range(ge=1, le=1024)]  # > 1: the stage re-runs itself under torchrun
     backend: Literal["auto", "gloo", "nccl"]  # auto: nccl on CUDA, gloo on the CPU
 
@@ -403,7 +403,9 @@ def _cross_checks(params: Params) -> list[str]:
     # The denoiser states its own constraints (level count vs the latent grid the data gives,
     # norm groups, heads); asked here so a network that cannot be built fails at load, naming the key.
     if params.ddpm.channel_mults:
-        from diffmodels.unet import UNetConfig  # the model layer; imported late to keep loading params light
+        from diffmodels.models.unet import (
+            UNetConfig,  # the model layer; imported late to keep loading params light
+        )
 
         unet = UNetConfig.from_params(params.ddpm, in_channels=params.latents.channels,
                                       latent_size=params.data.resolution // 8, num_classes=0)

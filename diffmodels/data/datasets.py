@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from diffmodels.errors import DataError
-from diffmodels.io import atomic_path, write_json
+from diffmodels.core.errors import DataError
+from diffmodels.core.io import atomic_path, write_json
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

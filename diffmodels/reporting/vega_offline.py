@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffmodels.errors import DiffmodelsError
-from diffmodels.io import write_text
+from diffmodels.core.errors import DiffmodelsError
+from diffmodels.core.io import write_text
 
 # DVC fills {refresh_tag} (for --refresh) and {plot_divs}; there is deliberately no {scripts}.
 PAGE = """<!DOCTYPE html>

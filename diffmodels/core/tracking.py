@@ -15,7 +15,7 @@ Tags on every run
     overrides it).
 
 Params are logged flat with the dotted names of params.yaml (``data.resolution``). A store
-that cannot be reached is a :class:`~diffmodels.errors.TrackingError`, never a silent skip.
+that cannot be reached is a :class:`~diffmodels.core.errors.TrackingError`, never a silent skip.
 A run stopped by Ctrl-C or SIGTERM is marked KILLED, by any other exception FAILED.
 
 Concurrent writers (``dvc queue start -j 2``, several shells)
@@ -47,8 +47,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from diffmodels.config import Params, flatten
-from diffmodels.errors import TrackingError
+from diffmodels.core.config import Params, flatten
+from diffmodels.core.errors import TrackingError
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -143,9 +143,9 @@ def determinism_tags() -> dict[str, str]:
     last digits may move: PyTorch picks CPU kernels by instruction set (``cpu_capability``) and
     splits reductions by thread count, and CUDA kernels are not all deterministic unless
     ``deterministic_algorithms`` is on. Recording these tells two runs' differences apart."""
-    import numpy
     import platform
 
+    import numpy
     import torch
 
     if torch.cuda.is_available():
@@ -231,7 +231,9 @@ def retry_when_locked(fn: Callable, attempts: int = 8, first_wait_s: float = 0.2
     8 attempts, on top of sqlite's own 20 s busy wait per attempt) while MLflow reports
     "database is locked"; then a one-line :class:`TrackingError`. Other errors pass through."""
     from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import OperationalError  # raised unwrapped while MLflow opens a store
+    from sqlalchemy.exc import (
+        OperationalError,  # raised unwrapped while MLflow opens a store
+    )
 
     jitter = random.Random()  # private: the global RNG may be seeded by the caller
 
@@ -329,7 +331,7 @@ def stage_run(stage: str, params: Params, groups: Iterable[str]) -> Iterator[Any
         mlflow.log_params(flatten(params, groups))
         try:
             yield run
-        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (diffmodels.interrupt)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (diffmodels.core.interrupt)
             with contextlib.suppress(MlflowException, TrackingError):
                 mlflow.set_tag("interrupted", str(exc) or "KeyboardInterrupt")
                 mlflow.end_run("KILLED")  # ActiveRun.__exit__ then leaves the status alone

@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from diffmodels import htmlpage as hp
-from diffmodels.errors import DiffmodelsError
+from diffmodels.core.errors import DiffmodelsError
+from diffmodels.reporting import htmlpage as hp
 
 DATA_TYPES = (".tsv", ".csv")
 # Headline numbers, looked up in every stage (first stage in pipeline order that has the key wins):

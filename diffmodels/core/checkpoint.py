@@ -11,7 +11,7 @@ Layout of a checkpoint written by :func:`save_checkpoint`:
   process to process). Files with the earlier ``{"format", "meta"}`` keys still load.
 
 No pickle is involved, so loading an untrusted file cannot run code. Writes are atomic
-(:mod:`diffmodels.io`), so a kill mid-save leaves the previous checkpoint intact.
+(:mod:`diffmodels.core.io`), so a kill mid-save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from diffmodels.errors import CheckpointError
-from diffmodels.io import atomic_path
+from diffmodels.core.errors import CheckpointError
+from diffmodels.core.io import atomic_path
 
 FORMAT = "diffmodels/1"
 HEADER_KEY = "diffmodels"  # safetensors metadata key holding {"format": FORMAT, "meta": {...}} as JSON

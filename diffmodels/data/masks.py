@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffmodels.errors import DataError
-from diffmodels.io import write_json
+from diffmodels.core.errors import DataError
+from diffmodels.core.io import write_json
 
 GRID = 8
 SHAPES = ("centre", "boxes", "brush", "half")

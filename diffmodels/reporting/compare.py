@@ -5,7 +5,7 @@ Sources
     (loss curves, leakage profiles, sample grids) come from the workspace for the stages whose
     metrics there equal the experiment's (the experiment *is* the workspace for that stage), and
     otherwise from the MLflow run that produced them: the stage's finished run whose logged metrics
-    match (:func:`diffmodels.report.pick_run`), preferring runs tagged with the experiment's name
+    match (:func:`diffmodels.reporting.report.pick_run`), preferring runs tagged with the experiment's name
     (``dvc_exp_name``), searching its child runs too (eval_inpaint logs panels per method).
 
 Page
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffmodels import htmlpage as hp
-from diffmodels import report
-from diffmodels.errors import DiffmodelsError
+from diffmodels.core.errors import DiffmodelsError
+from diffmodels.reporting import htmlpage as hp
+from diffmodels.reporting import report
 
 NOT_FINISHED = ("queued", "running", "failed")
 

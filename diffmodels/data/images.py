@@ -1,4 +1,4 @@
-"""Image grids and PNG output for previews, reconstructions and sample sheets."""
+"""Pixels: conversions between uint8 images and model range, grids and PNG output."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from diffmodels.io import atomic_path
+from diffmodels.core.io import atomic_path
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, fill: int = 255) -> np.ndarray:
@@ -35,3 +36,18 @@ def save_png(path: str | Path, image: np.ndarray) -> None:
         image = image[:, :, 0]
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Model-range (B, C, H, W) -> [0, 1], clamped (what metrics and PNGs see)."""
+    return x.float().add(1.0).div(2.0).clamp(0.0, 1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Model-range (B, C, H, W) -> uint8 (B, H, W, C)."""
+    return to_unit_range(x).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmodels.ssm import SelectiveSSM
+from diffmodels.models.ssm import SelectiveSSM
 
 FAMILIES = ("rows", "cols")
 CORNERS = ("tl", "tr", "bl", "br")

@@ -4,7 +4,7 @@
 
 ``denoise_fn(x, t)`` is any network or wrapper mapping latents x (B, ...) at integer steps
 t (B,) in 1..T to its output in the ``prediction`` parameterisation (eps, x0 or v; see
-:mod:`diffmodels.schedule`). Guidance (:func:`classifier_free_guidance`), inpainting clamps and
+:mod:`diffmodels.diffusion.schedule`). Guidance (:func:`classifier_free_guidance`), inpainting clamps and
 anagram flips wrap ``denoise_fn`` or act on the yielded steps; they never fork a sampler.
 
 Each sampler is a generator that yields a :class:`Step` after every update (the progressive
@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffmodels.schedule import NoiseSchedule, Prediction, extract
+from diffmodels.diffusion.schedule import NoiseSchedule, Prediction, extract
 
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 FinalAlphaBar = Literal["one", "first"]  # where DDIM's last step lands: alpha_bar_0 = 1 or alpha_bar_1

@@ -1,11 +1,11 @@
 """Latent inpainting and editing (SPEC 5.5) as wrappers over the shared samplers.
 
-Every method is a progressive generator of :class:`~diffmodels.samplers.Step` (drain it with
-:func:`diffmodels.samplers.run`), built from single steps of ``ddpm_steps`` / ``ddim_steps``
+Every method is a progressive generator of :class:`~diffmodels.diffusion.samplers.Step` (drain it with
+:func:`diffmodels.diffusion.samplers.run`), built from single steps of ``ddpm_steps`` / ``ddim_steps``
 plus a *clamp* applied to the latent after each step; no sampler is forked. Latents are the
 scaled ones the denoiser sees (``z = posterior mean * scale_factor``).
 
-Masks follow :mod:`diffmodels.masks`: ``hole`` is boolean, **True = hole** (to inpaint), and the
+Masks follow :mod:`diffmodels.data.masks`: ``hole`` is boolean, **True = hole** (to inpaint), and the
 keep-mask of SPEC 6 is ``K = ~hole``. Pixel holes are (B, H, W) or (B, 1, H, W); latent holes
 are (B, 1, H/8, W/8) (:func:`latent_hole`), and anything that broadcasts against the latents.
 
@@ -13,7 +13,7 @@ Symbols:
 
     z_a        anchor        scaled posterior mean of the image, E(x) * scale_factor
     m          hole          latent hole tiles (True = regenerate)
-    t          level         diffusion step, 0 = clean .. T (see :mod:`diffmodels.schedule`)
+    t          level         diffusion step, 0 = clean .. T (see :mod:`diffmodels.diffusion.schedule`)
     q(z_t|z_a)               forward process, z_t = sqrt(alpha_bar_t) z_a + sqrt(1 - alpha_bar_t) n
 
 Methods (each step: the shared sampler takes z_t -> z_{t_prev}, then the clamp sets kept tiles):
@@ -42,10 +42,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffmodels.samplers import DenoiseFn, Step, ddim_steps, ddim_timesteps, ddpm_steps, run
-from diffmodels.schedule import NoiseSchedule, Prediction
+from diffmodels.diffusion.samplers import (
+    DenoiseFn,
+    Step,
+    ddim_steps,
+    ddim_timesteps,
+    ddpm_steps,
+    run,
+)
+from diffmodels.diffusion.schedule import NoiseSchedule, Prediction
 
-GRID = 8  # pixels per latent tile side (diffmodels.vae.GRID)
+GRID = 8  # pixels per latent tile side (diffmodels.models.vae.GRID)
 METHODS = ("clamp_mean", "replace_noised", "repaint", "sdedit")
 MASK_POLICIES = ("nearest", "conservative")
 Method = Literal["clamp_mean", "replace_noised", "repaint", "sdedit"]
@@ -120,7 +127,7 @@ class Sampler:
 
     ddpm  ancestral DDPM over every level T, T-1, .., 0; sigma_t^2 = ``variance``
     ddim  DDIM with ``eta`` over the trailing grid of ``ddim_steps`` levels
-          (:func:`~diffmodels.samplers.ddim_timesteps`) and 0
+          (:func:`~diffmodels.diffusion.samplers.ddim_timesteps`) and 0
     """
 
     kind: Literal["ddpm", "ddim"] = "ddpm"

@@ -9,7 +9,7 @@ Launch
 
 Same global batch, same trajectory
     Every rank keeps the *whole* training state: the same seeded data order over global
-    batches (:class:`diffmodels.train.EpochSampler`) and the same noise generator, drawing the
+    batches (:class:`diffmodels.training.state.EpochSampler`) and the same noise generator, drawing the
     noise of the whole global batch. Each rank then keeps its rows (:meth:`World.rows`) and
     computes the mean loss over them; DDP averages the gradients, which equals the gradient of
     the mean over the global batch because the shards are equal. So N processes take the steps
@@ -23,7 +23,7 @@ Same global batch, same trajectory
 
 Rank 0 alone writes outputs, checkpoints and metrics and logs to MLflow; the others wait for it
 at the next collective (validation, sample strips and checkpoints run on rank 0 alone, so no
-collective may hide in them: see :class:`diffmodels.latents.ReconMetrics`).
+collective may hide in them: see :class:`diffmodels.data.latent_cache.ReconMetrics`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from diffmodels.errors import DiffmodelsError
+from diffmodels.core.errors import DiffmodelsError
 
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 

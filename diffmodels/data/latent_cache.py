@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffmodels.checkpoint import load_checkpoint, save_checkpoint
-from diffmodels.errors import DataError
-from diffmodels.vae import VAE, to_model_range, to_unit_range
+from diffmodels.core.checkpoint import load_checkpoint, save_checkpoint
+from diffmodels.core.errors import DataError
+from diffmodels.data.images import to_model_range, to_unit_range
+from diffmodels.models.vae import VAE
 
 FORMAT = "diffmodels-latents/1"
 SCALE_FACTOR_DEFINITION = (
@@ -75,7 +76,10 @@ class ReconMetrics:
     def __init__(self) -> None:
         # Imported here: torchmetrics pulls in transformers, half the start-up time of train_ddpm
         # (which never computes these) and of each extra training process.
-        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+        from torchmetrics.image import (
+            PeakSignalNoiseRatio,
+            StructuralSimilarityIndexMeasure,
+        )
 
         # One process computes these (rank 0 under data-parallel training): torchmetrics would
         # otherwise all-gather its state over the process group and wait for the other ranks.

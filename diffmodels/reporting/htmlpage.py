@@ -2,7 +2,7 @@
 
 Everything a page shows is inside the one file (images as base64 ``data:`` URIs, CSS inline, no
 script), so it opens from disk, from an MLflow artifact or an e-mail attachment alike. Used by
-the report stage (``diffmodels.report``) and ``python -m stages.compare`` (``diffmodels.compare``).
+the report stage (``diffmodels.reporting.report``) and ``python -m stages.compare`` (``diffmodels.reporting.compare``).
 """
 
 from __future__ import annotations

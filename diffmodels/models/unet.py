@@ -9,7 +9,7 @@ factor (1 = the latent grid, 2 = half its side, ...) is listed in ``mixer_downsa
 convention of LDM's ``attention_resolutions``, so one list fits any data.resolution), chosen by
 ``mixer``:
 
-    serpentine  multi-direction snake-scan state-space block (diffmodels.serpentine); path
+    serpentine  multi-direction snake-scan state-space block (diffmodels.models.serpentine); path
                 families alternate rows / cols from one context block to the next
     attention   multi-head self-attention over all H*W positions (the standard baseline)
     none        nothing: a pure convolutional UNet
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmodels.serpentine import SerpentineBlock, default_family
+from diffmodels.models.serpentine import SerpentineBlock, default_family
 
 Mixer = Literal["serpentine", "attention", "none"]
 

@@ -63,8 +63,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffmodels.checkpoint import load_checkpoint, load_module_state, save_checkpoint
-from diffmodels.errors import CheckpointError
+from diffmodels.core.checkpoint import (
+    load_checkpoint,
+    load_module_state,
+    save_checkpoint,
+)
+from diffmodels.core.errors import CheckpointError
 
 GRID = 8  # pixels per latent tile side: three 2x downsamples
 LEVELS = 4  # pixel scales 1, 2, 4, 8
@@ -99,7 +103,7 @@ class VAEConfig:
 
     @classmethod
     def from_params(cls, vae: Any, in_channels: int, latent_channels: int) -> VAEConfig:
-        """From the ``vae`` params group (:class:`diffmodels.config.VaeParams`) and the data's channels."""
+        """From the ``vae`` params group (:class:`diffmodels.core.config.VaeParams`) and the data's channels."""
         return cls(
             in_channels=in_channels,
             latent_channels=latent_channels,
@@ -344,22 +348,6 @@ def vae_loss(
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """Model-range (B, C, H, W) -> [0, 1], clamped (what metrics and PNGs see)."""
-    return x.float().add(1.0).div(2.0).clamp(0.0, 1.0)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model-range (B, C, H, W) -> uint8 (B, H, W, C)."""
-    return to_unit_range(x).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Resume contract (SPEC 10)
     :class:`TrainState` bundles everything that determines the next step: model, optimizer,
     LR scheduler, GradScaler (fp16 only), the data sampler's position, the noise generator and
     the global torch RNG. :meth:`TrainState.save` writes it atomically into one safetensors
-    checkpoint (:mod:`diffmodels.checkpoint`) together with a *fingerprint* of the inputs (the
+    checkpoint (:mod:`diffmodels.core.checkpoint`) together with a *fingerprint* of the inputs (the
     params the stage reads, the data and the code); :func:`resume` restores it only when the
     fingerprint matches, otherwise it says why and the caller starts fresh. On CPU in float32,
     k steps + resume + (N - k) steps gives the same weights as N steps straight.
@@ -12,137 +12,31 @@ Resume contract (SPEC 10)
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffmodels.checkpoint import Checkpoint, join_tensors, load_checkpoint, save_checkpoint, split_tensors
-from diffmodels.errors import CheckpointError, DiffmodelsError, TrainingError
+from diffmodels.core.checkpoint import (
+    Checkpoint,
+    join_tensors,
+    load_checkpoint,
+    save_checkpoint,
+    split_tensors,
+)
+from diffmodels.core.errors import CheckpointError, DiffmodelsError
 
 # --------------------------------------------------------------------------------------------
 # Device and precision
 # --------------------------------------------------------------------------------------------
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda, else mps, else cpu; an explicit device that is absent is an error."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if name == "auto":
-        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if name not in available:
-        raise ValueError(f"device must be one of auto, cuda, mps, cpu; got {name!r}")
-    if not available[name]:
-        raise DiffmodelsError(f"device {name!r} is not available on this machine; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-@dataclass
-class Precision:
-    """Autocast settings: float32 on CPU/MPS; bf16 on CUDA when supported, else fp16 + GradScaler."""
-
-    device: torch.device
-    dtype: torch.dtype | None  # None = float32, no autocast
-    scaler: torch.amp.GradScaler | None
-
-    @classmethod
-    def choose(cls, device: torch.device, amp: bool) -> Precision:
-        if not amp or device.type != "cuda":
-            return cls(device, None, None)
-        if torch.cuda.is_bf16_supported():
-            return cls(device, torch.bfloat16, None)
-        return cls(device, torch.float16, torch.amp.GradScaler("cuda"))
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    @classmethod
-    def from_mode(cls, device: torch.device, mode: str) -> Precision:
-        """``auto`` (as :meth:`choose` with amp on), ``bf16``, ``fp16`` or ``off``; autocast on CUDA only."""
-        if mode == "auto":
-            return cls.choose(device, True)
-        if mode == "off" or device.type != "cuda":
-            return cls(device, None, None)
-        if mode == "bf16":
-            return cls(device, torch.bfloat16, None)
-        if mode == "fp16":
-            return cls(device, torch.float16, torch.amp.GradScaler("cuda"))
-        raise ValueError(f"amp must be one of auto, bf16, fp16, off; got {mode!r}")
-
-    @property
-    def name(self) -> str:
-        return {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-
-
-def backward_and_step(
-    loss: torch.Tensor,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    grad_clip: float,
-    scaler: torch.amp.GradScaler | None,
-) -> float:
-    """Backward, unscale (fp16), clip the global grad norm, step optimizer and schedule.
-
-    Returns the gradient norm before clipping.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    return float(grad_norm)
-
-
-def check_finite(losses: dict[str, torch.Tensor], step: int, checkpoint: Path | None) -> None:
-    """Stop with :class:`TrainingError` on a NaN/inf loss; the last good checkpoint stays."""
-    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-    if bad:
-        kept = f"the last good checkpoint is kept at {checkpoint}" if checkpoint and checkpoint.exists() else "no checkpoint was written yet"
-        raise TrainingError(
-            f"non-finite {', '.join(bad)} at step {step}; {kept}. Lower the learning rate or disable amp"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # Learning-rate schedule
 # --------------------------------------------------------------------------------------------
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier for the update after ``step`` updates: linear 1/w .. 1, then cosine to 0.
-
-    ``warmup_cosine(s) = (s + 1) / w`` for ``s < w``; afterwards
-    ``0.5 (1 + cos(pi (s - w) / (total - w)))``, reaching 0 at ``s = total``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps))
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +107,7 @@ class TrainState:
     sampler: EpochSampler
     generator: torch.Generator  # noise for the reparameterisation (or diffusion) draws
     scaler: torch.amp.GradScaler | None = None
-    ema: Any = None  # anything with state_dict() -> {name: tensor} and load_state_dict() (diffmodels.ddpm.EMA)
+    ema: Any = None  # anything with state_dict() -> {name: tensor} and load_state_dict() (diffmodels.training.ema.EMA)
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable (e.g. loss history)
 
@@ -269,7 +163,7 @@ def resume(state: TrainState, path: str | Path, fingerprint: str) -> str:
     load midway is a :class:`CheckpointError` (``state`` may be half-restored).
     """
     path = Path(path)
-    # A save killed mid-write (SIGKILL, power loss) leaves its temporary file (diffmodels.io
+    # A save killed mid-write (SIGKILL, power loss) leaves its temporary file (diffmodels.core.io
     # names it ".<name>.<random>.tmp"), never a half-written checkpoint; clear it away.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
@@ -289,13 +183,3 @@ def resume(state: TrainState, path: str | Path, fingerprint: str) -> str:
     return f"resumed from {path} at step {state.step}"
 
 
-@contextlib.contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """eval() + no_grad() for the block, then back to the previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
-from diffmodels.io import atomic_path  # noqa: E402
+from diffmodels.core.io import atomic_path  # noqa: E402
 
 
 def labelled_grid(
