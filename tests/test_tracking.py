@@ -114,3 +114,11 @@ def test_pipeline_id_is_shared_by_the_children_of_one_dvc_process(tmp_path, monk
     second = subprocess.run([str(fake_dvc)], capture_output=True, text=True, env=env, check=True).stdout.split()
     assert len(first) == 2 and first[0] == first[1]
     assert second[0] == second[1] and second[0] != first[0]
+
+
+def test_metric_values_is_one_rule_for_every_stage():
+    """Finite numbers only, nested keys dotted, '/' -> '.'; bools, None, strings, NaN stay out."""
+    metrics = {"psnr": 25, "sub": {"a/b": 0.5, "flag": True, "nan": float("nan"), "inf": float("inf")},
+               "name": "x", "none": None, "ok": False}
+    assert tracking.metric_values(metrics) == {"psnr": 25.0, "sub.a.b": 0.5}
+    assert tracking.metric_values({}) == {}

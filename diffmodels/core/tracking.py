@@ -36,6 +36,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import random
 import subprocess
@@ -43,7 +44,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +301,33 @@ def _open_store(uri: str) -> None:
             method = getattr(store, name, None)
             if method is not None and not getattr(method, "retries_locked", False):
                 setattr(store, name, retry_when_locked(method))
+
+
+def metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The one rule for what of a metrics dict goes to MLflow, and under which names.
+
+    Nested mappings flatten to dotted names and ``/`` in a key becomes ``.`` (``{"a": {"b/c": 1}}``
+    -> ``a.b.c``), the names params use. Only finite numbers are metrics: bools (flags), ``None``,
+    strings and NaN/inf (a metric undefined at this n) are left to metrics.json.
+    """
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = str(key).replace("/", ".")
+        if isinstance(value, Mapping):
+            out.update({f"{name}.{k}": v for k, v in metric_values(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> dict[str, float]:
+    """Log :func:`metric_values` of ``metrics`` (names prefixed by ``prefix``) to the active run."""
+    import mlflow
+
+    values = {f"{prefix}{k}": v for k, v in metric_values(metrics).items()}
+    if values:
+        mlflow.log_metrics(values, step=step)
+    return values
 
 
 @contextlib.contextmanager
