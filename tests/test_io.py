@@ -181,3 +181,32 @@ def test_checkpoints_of_equal_contents_are_byte_identical_across_processes(tmp_p
 def test_checkpoints_in_the_earlier_two_key_layout_still_load(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "old.safetensors"), metadata={"format": FORMAT, "meta": json.dumps({"step": 5})})
     assert load_checkpoint(tmp_path / "old.safetensors").meta == {"step": 5}
+
+
+def test_progress_logs_a_line_every_few_percent_when_not_a_terminal():
+    import io
+
+    from diffmodels.core.progress import progress
+
+    stream = io.StringIO()  # not a TTY, as under `dvc repro > log`
+    assert list(progress(range(100), desc="train", unit="step", stream=stream)) == list(range(100))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 20  # every 5 %
+    assert lines[0].startswith("train: 5/100 step (5%") and lines[-1].startswith("train: 100/100 step (100%")
+    assert "\r" not in stream.getvalue()
+    quiet = io.StringIO()
+    assert list(progress(range(3), stream=quiet, enabled=False)) == [0, 1, 2] and quiet.getvalue() == ""
+
+
+def test_progress_resumed_bar_counts_from_its_start():
+    import io
+
+    from diffmodels.core.progress import progress_bar
+
+    stream = io.StringIO()
+    bar = progress_bar(10, "train", "step", initial=6, stream=stream)
+    for _ in range(4):
+        bar.update()
+    bar.close()
+    assert [line.split(" (")[0] for line in stream.getvalue().splitlines()] == [
+        "train: 7/10 step", "train: 8/10 step", "train: 9/10 step", "train: 10/10 step"]
