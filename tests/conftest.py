@@ -4,6 +4,8 @@ reference models."""
 from __future__ import annotations
 
 import copy
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,10 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# dvc.yaml's stage commands run `python3` from PATH: make it this interpreter (the project's
+# virtualenv) also when the tests are started as `.venv/bin/python -m pytest` without activating it.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def shipped_params() -> dict:
