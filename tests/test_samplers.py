@@ -13,6 +13,7 @@ from diffmodels.diffusion.samplers import (
     ddpm_steps,
     run,
 )
+from diffmodels.diffusion.sampling import sample_batches, seeded_noise, why_iterate_path
 from diffmodels.diffusion.schedule import NoiseSchedule
 
 
@@ -263,3 +264,35 @@ def test_visual_anagram_averages_upright_and_unflipped_predictions():
     # symmetric roles: swapping the conditions and viewing flipped gives the same function
     swapped = visual_anagram(down, up, flip)
     assert torch.allclose(flip(swapped(flip(x), t)), out)
+
+
+# --------------------------------------------------------------------------------------------
+# diffmodels.diffusion.sampling: the sample stage's recipes
+# --------------------------------------------------------------------------------------------
+
+
+def test_sample_batches_give_both_samplers_the_same_seeded_x_T():
+    s = NoiseSchedule.from_kind("linear", 12)
+    starts: dict[str, list[torch.Tensor]] = {"ddpm": [], "ddim": []}
+    for kind in starts:
+        def spy(x, t, kind=kind):
+            if int(t[0]) == 12:  # the first call of each batch sees x_T
+                starts[kind].append(x.clone())
+            return toy_model(x, t)
+
+        out = list(sample_batches(kind, spy, s, (3, 2, 2), num_images=5, batch_size=2, seed=9, device="cpu",
+                                  prediction="eps", ddim_steps=4, ddim_eta=0.5))
+        assert [len(z) for z in out] == [2, 2, 1]
+        g = torch.Generator().manual_seed(9 + 1000 + 2)  # the sampler's own draws: seed + 1000 + i
+        x_T = seeded_noise((2, 3, 2, 2), 9 + 2, "cpu")  # batch i = 2 starts from seed + i
+        ref = run(ddpm_steps(toy_model, x_T, s, generator=g) if kind == "ddpm" else
+                  ddim_steps(toy_model, x_T, s, num_steps=4, eta=0.5, generator=g))
+        assert torch.equal(out[1], ref)
+    for a, b, i in zip(starts["ddpm"], starts["ddim"], (0, 2, 4)):
+        assert torch.equal(a, b) and torch.equal(a, seeded_noise((len(a), 3, 2, 2), 9 + i, "cpu"))
+
+
+def test_why_iterate_path_spends_the_steps_a_full_run_spends_below_t():
+    assert why_iterate_path(500, 10, 1000) == [500, 400, 300, 200, 100]
+    assert why_iterate_path(800, 50, 1000) == list(range(800, 0, -20))
+    assert why_iterate_path(3, 10, 1000) == [3], "at least one step"
