@@ -1,4 +1,4 @@
-"""Inpainting methods (SPEC 5.5) against hand-written loops, exact clamps and known schedules."""
+"""Inpainting methods (diffusion.inpaint) against hand-written loops, exact clamps and known schedules."""
 
 import numpy as np
 import pytest
@@ -159,7 +159,7 @@ def test_clamp_mean_with_an_all_hole_mask_is_the_plain_shared_sampler(sampler):
 
 
 def test_clamp_mean_matches_a_handwritten_ddpm_loop():
-    """SPEC 5.5: start from noise with kept tiles = z_a; eq. 11 step; re-clamp to z_a; noise only when t > 1."""
+    """clamp_mean: start from noise with kept tiles = z_a; eq. 11 step; re-clamp to z_a; noise only when t > 1."""
     T = 6
     s = NoiseSchedule.from_kind("linear", T, 1e-2, 0.3)
     anchor, hole = anchor_and_hole(torch.float64)
