@@ -200,7 +200,8 @@ def test_bad_mask_files(work, tmp_path, capsys, defect):
         expected = f"{bad}: not a readable PNG mask (cannot identify image file '{bad}'); rerun `dvc repro prepare`"
     msg = one_line_exit_2(eval_inpaint.main, [
         "--params", str(work / "params.yaml"), "--ddpm", str(work / "ddpm.safetensors"), "--vae", str(work / "vae.safetensors"),
-        "--prepared", str(work / "prepared"), "--masks", str(masks), "--reports", str(tmp_path / "reports")], capsys)
+        "--prepared", str(work / "prepared"), "--masks", str(masks), "--reports", str(tmp_path / "reports"),
+        "--fid-reference", str(work / "fid.safetensors")], capsys)  # never read: the masks fail first
     assert msg == expected
     assert not (tmp_path / "reports").exists()
 

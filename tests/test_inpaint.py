@@ -1,4 +1,4 @@
-"""Inpainting methods (SPEC 5.5) against hand-written loops, exact clamps and known schedules."""
+"""Inpainting methods (diffusion.inpaint) against hand-written loops, exact clamps and known schedules."""
 
 import numpy as np
 import pytest
@@ -144,7 +144,7 @@ def test_clamp_mean_kept_tiles_equal_the_anchor_bit_for_bit_at_every_step(sample
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=["ddpm", "ddpm-posterior", "ddim"])
 def test_clamp_mean_with_an_all_hole_mask_is_the_plain_shared_sampler(sampler):
-    """Single steps over fresh sampler generators reproduce one uninterrupted run, noise included."""
+    """Single steps (ddpm_step / ddim_step) reproduce one uninterrupted sampler run, noise included."""
     s = NoiseSchedule.from_kind("linear", 12)
     anchor, _ = anchor_and_hole()
     hole = torch.ones(SHAPE[0], 1, *SHAPE[2:], dtype=torch.bool)
@@ -159,7 +159,7 @@ def test_clamp_mean_with_an_all_hole_mask_is_the_plain_shared_sampler(sampler):
 
 
 def test_clamp_mean_matches_a_handwritten_ddpm_loop():
-    """SPEC 5.5: start from noise with kept tiles = z_a; eq. 11 step; re-clamp to z_a; noise only when t > 1."""
+    """clamp_mean: start from noise with kept tiles = z_a; eq. 11 step; re-clamp to z_a; noise only when t > 1."""
     T = 6
     s = NoiseSchedule.from_kind("linear", T, 1e-2, 0.3)
     anchor, hole = anchor_and_hole(torch.float64)
@@ -382,6 +382,8 @@ def test_inpaint_images_rejects_unknown_methods_and_sdedit_without_t0(tiny_vae):
     assert torch.equal(everywhere, out), "sdedit ignores the hole mask"
     with pytest.raises(ValueError, match="sampler kind"):
         Sampler("euler")
+    with pytest.raises(ValueError, match="a DDPM step goes from t to t - 1, got t=5, t_prev=3"):
+        Sampler("ddpm").step(toy_model, torch.zeros(SHAPE), NoiseSchedule.from_kind("linear", 10), 5, 3, None)
 
 
 def test_latent_hole_and_upsample_tiles_follow_the_stride_they_are_given():

@@ -6,11 +6,14 @@ import torch
 
 from diffmodels.diffusion.samplers import (
     classifier_free_guidance,
+    ddim_step,
     ddim_steps,
     ddim_timesteps,
+    ddpm_step,
     ddpm_steps,
     run,
 )
+from diffmodels.diffusion.sampling import sample_batches, seeded_noise, why_iterate_path
 from diffmodels.diffusion.schedule import NoiseSchedule
 
 
@@ -39,6 +42,64 @@ def test_progressive_generator_yields_every_step():
     assert all(st.x.shape == x.shape and st.x0.shape == x.shape for st in steps)
     again = run(ddpm_steps(toy_model, x, s, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(again, steps[-1].x), "same generator seed -> same sample"
+
+
+def draws(generator: torch.Generator) -> torch.Tensor:
+    """The generator's next draw: equal for two generators exactly when they consumed as much."""
+    return torch.rand(4, generator=generator)
+
+
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_ddpm_step_by_hand_is_eq_11_with_one_noise_draw_only_above_t_1(variance):
+    s = NoiseSchedule.from_kind("linear", 20)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    step = ddpm_step(toy_model, x, 7, s, variance=variance, generator=g)
+    eps = toy_model(x, torch.full((2,), 7))
+    sigma2 = s.betas[7] if variance == "beta" else s.posterior_var[7]
+    mean = (x - s.betas[7] / (1 - s.alpha_bar[7]).sqrt() * eps) / s.alphas[7].sqrt()
+    torch.testing.assert_close(step.x, mean + sigma2.sqrt() * torch.randn(2, 3, generator=ref, dtype=torch.float64))
+    assert (step.t, step.t_prev) == (7, 6) and torch.equal(step.eps, eps)
+    assert torch.equal(draws(g), draws(ref)), "one draw of x's shape"
+    last = ddpm_step(toy_model, x, 1, s, variance=variance, generator=g)
+    assert torch.equal(draws(g), draws(ref)), "no noise on the last step"
+    torch.testing.assert_close(last.x, (x - s.betas[1] / (1 - s.alpha_bar[1]).sqrt() * toy_model(x, torch.ones(2)))
+                               / s.alphas[1].sqrt())
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_single_steps_chained_are_the_sampler_bit_for_bit(eta):
+    """The generators are loops over ddpm_step / ddim_step: chaining the steps by hand, with the
+    same generator, gives the same trajectory exactly (what inpainting relies on)."""
+    s = NoiseSchedule.from_kind("cosine", 30)
+    x_T = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(4))
+    ref = list(ddpm_steps(toy_model, x_T, s, variance="posterior", generator=torch.Generator().manual_seed(5)))
+    g, x = torch.Generator().manual_seed(5), x_T
+    for want in ref:
+        x = ddpm_step(toy_model, x, want.t, s, variance="posterior", generator=g).x
+        assert torch.equal(x, want.x)
+    ts = [30, 22, 9, 4]
+    ref = list(ddim_steps(toy_model, x_T, s, eta=eta, timesteps=ts, generator=torch.Generator().manual_seed(6)))
+    g, x = torch.Generator().manual_seed(6), x_T
+    for t, t_prev, want in zip(ts, ts[1:] + [0], ref):
+        step = ddim_step(toy_model, x, t, t_prev, s, eta=eta, generator=g)
+        assert (step.t, step.t_prev) == (want.t, want.t_prev) and torch.equal(step.x, want.x)
+        x = step.x
+    if eta == 0.0:
+        assert torch.equal(draws(g), draws(torch.Generator().manual_seed(6))), "deterministic DDIM draws nothing"
+
+
+def test_single_steps_reject_levels_outside_the_schedule():
+    s = NoiseSchedule.from_kind("linear", 10)
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"DDPM step t must be in 1\.\.10, got 0"):
+        ddpm_step(toy_model, x, 0, s)
+    with pytest.raises(ValueError, match="variance must be"):
+        ddpm_step(toy_model, x, 3, s, variance="fixed")
+    with pytest.raises(ValueError, match="0 <= t_prev <= t <= 10, got t=4, t_prev=5"):
+        ddim_step(toy_model, x, 4, 5, s)
+    with pytest.raises(ValueError, match="got t=11, t_prev=0"):
+        ddim_step(toy_model, x, 11, 0, s)
 
 
 @pytest.mark.parametrize("variance", ["beta", "posterior"])
@@ -203,3 +264,35 @@ def test_visual_anagram_averages_upright_and_unflipped_predictions():
     # symmetric roles: swapping the conditions and viewing flipped gives the same function
     swapped = visual_anagram(down, up, flip)
     assert torch.allclose(flip(swapped(flip(x), t)), out)
+
+
+# --------------------------------------------------------------------------------------------
+# diffmodels.diffusion.sampling: the sample stage's recipes
+# --------------------------------------------------------------------------------------------
+
+
+def test_sample_batches_give_both_samplers_the_same_seeded_x_T():
+    s = NoiseSchedule.from_kind("linear", 12)
+    starts: dict[str, list[torch.Tensor]] = {"ddpm": [], "ddim": []}
+    for kind in starts:
+        def spy(x, t, kind=kind):
+            if int(t[0]) == 12:  # the first call of each batch sees x_T
+                starts[kind].append(x.clone())
+            return toy_model(x, t)
+
+        out = list(sample_batches(kind, spy, s, (3, 2, 2), num_images=5, batch_size=2, seed=9, device="cpu",
+                                  prediction="eps", ddim_steps=4, ddim_eta=0.5))
+        assert [len(z) for z in out] == [2, 2, 1]
+        g = torch.Generator().manual_seed(9 + 1000 + 2)  # the sampler's own draws: seed + 1000 + i
+        x_T = seeded_noise((2, 3, 2, 2), 9 + 2, "cpu")  # batch i = 2 starts from seed + i
+        ref = run(ddpm_steps(toy_model, x_T, s, generator=g) if kind == "ddpm" else
+                  ddim_steps(toy_model, x_T, s, num_steps=4, eta=0.5, generator=g))
+        assert torch.equal(out[1], ref)
+    for a, b, i in zip(starts["ddpm"], starts["ddim"], (0, 2, 4)):
+        assert torch.equal(a, b) and torch.equal(a, seeded_noise((len(a), 3, 2, 2), 9 + i, "cpu"))
+
+
+def test_why_iterate_path_spends_the_steps_a_full_run_spends_below_t():
+    assert why_iterate_path(500, 10, 1000) == [500, 400, 300, 200, 100]
+    assert why_iterate_path(800, 50, 1000) == list(range(800, 0, -20))
+    assert why_iterate_path(3, 10, 1000) == [3], "at least one step"

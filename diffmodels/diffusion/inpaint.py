@@ -1,12 +1,12 @@
-"""Latent inpainting and editing (SPEC 5.5) as wrappers over the shared samplers.
+"""Latent inpainting and editing as wrappers over the shared samplers.
 
 Every method is a progressive generator of :class:`~diffmodels.diffusion.samplers.Step` (drain it with
-:func:`diffmodels.diffusion.samplers.run`), built from single steps of ``ddpm_steps`` / ``ddim_steps``
-plus a *clamp* applied to the latent after each step; no sampler is forked. Latents are the
+:func:`diffmodels.diffusion.samplers.run`), built from the samplers' single updates ``ddpm_step`` /
+``ddim_step`` plus a *clamp* applied to the latent after each step; no sampler is forked. Latents are the
 scaled ones the denoiser sees (``z = posterior mean * scale_factor``).
 
 Masks follow :mod:`diffmodels.data.masks`: ``hole`` is boolean, **True = hole** (to inpaint), and the
-keep-mask of SPEC 6 is ``K = ~hole``. Pixel holes are (B, H, W) or (B, 1, H, W); latent holes
+keep-mask is ``K = ~hole``. Pixel holes are (B, H, W) or (B, 1, H, W); latent holes
 are (B, 1, H/8, W/8) (:func:`latent_hole`), and anything that broadcasts against the latents.
 
 Symbols:
@@ -33,7 +33,6 @@ optional post-process, off by default, so metrics see what the latent method its
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -45,9 +44,9 @@ from torch import Tensor
 from diffmodels.diffusion.samplers import (
     DenoiseFn,
     Step,
-    ddim_steps,
+    ddim_step,
     ddim_timesteps,
-    ddpm_steps,
+    ddpm_step,
     run,
 )
 from diffmodels.diffusion.schedule import NoiseSchedule, Prediction
@@ -109,21 +108,9 @@ def upsample_tiles(tiles: Tensor, grid: int = GRID) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _prefix(schedule: NoiseSchedule, t: int) -> NoiseSchedule:
-    """The same diffusion cut at level t: every array is indexed by step (T + 1 entries) and its
-    entry s depends only on beta_1..beta_s, so slicing gives identical values at steps 0..t."""
-    out = copy.copy(schedule)
-    for name, value in vars(schedule).items():
-        if isinstance(value, Tensor):
-            assert value.shape[0] == schedule.num_steps + 1, name
-            setattr(out, name, value[: t + 1])
-    out.num_steps = t
-    return out
-
-
 @dataclass(frozen=True)
 class Sampler:
-    """Which shared sampler takes each reverse step, with its settings (SPEC 5.4).
+    """Which shared sampler takes each reverse step, with its settings.
 
     ddpm  ancestral DDPM over every level T, T-1, .., 0; sigma_t^2 = ``variance``
     ddim  DDIM with ``eta`` over the trailing grid of ``ddim_steps`` levels
@@ -156,21 +143,18 @@ class Sampler:
     ) -> Step:
         """z_t -> z_{t_prev} by one update of the shared sampler (one denoiser call).
 
-        Each step is the first step of a fresh sampler generator started at t (DDPM on the
-        schedule cut at t; DDIM with explicit timesteps), so a run of single steps equals one
-        uninterrupted sampler run, noise draws included, while the clamp can edit z between steps.
+        The update is the very function the sampler's generator loops over
+        (:func:`~diffmodels.diffusion.samplers.ddpm_step`, :func:`~diffmodels.diffusion.samplers.ddim_step`),
+        so a run of single steps equals one uninterrupted sampler run, noise draws included,
+        while the clamp can edit z between steps.
         """
         if self.kind == "ddpm":
-            assert t_prev == t - 1, (t, t_prev)
-            steps = ddpm_steps(denoise_fn, x, _prefix(schedule, t), prediction=self.prediction,
-                               variance=self.variance, generator=generator)
-        else:
-            timesteps = [t, t_prev] if t_prev > 0 else [t]  # ddim_steps ends its last step at 0
-            steps = ddim_steps(denoise_fn, x, schedule, eta=self.eta, prediction=self.prediction,
-                               generator=generator, timesteps=timesteps)
-        step = next(steps)
-        assert (step.t, step.t_prev) == (t, t_prev)
-        return step
+            if t_prev != t - 1:
+                raise ValueError(f"a DDPM step goes from t to t - 1, got t={t}, t_prev={t_prev}")
+            return ddpm_step(denoise_fn, x, t, schedule, prediction=self.prediction, variance=self.variance,
+                             generator=generator)
+        return ddim_step(denoise_fn, x, t, t_prev, schedule, eta=self.eta, prediction=self.prediction,
+                         generator=generator)
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -226,7 +210,7 @@ def clamp_mean(
     denoise_fn: DenoiseFn, anchor: Tensor, hole: Tensor, schedule: NoiseSchedule, *,
     sampler: Sampler = Sampler(), generator: torch.Generator | None = None,
 ) -> Iterator[Step]:
-    """The original design (SPEC 5.5): start from z_T ~ N(0, I) with kept tiles set to z_a; for
+    """The original design: start from z_T ~ N(0, I) with kept tiles set to z_a; for
     each level down to 0, one sampler step (fresh noise only when t > 1, as the sampler does),
     then kept tiles re-clamped to z_a itself, not a noised z_a:
 

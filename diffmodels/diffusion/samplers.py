@@ -9,7 +9,9 @@ anagram flips wrap ``denoise_fn`` or act on the yielded steps; they never fork a
 
 Each sampler is a generator that yields a :class:`Step` after every update (the progressive
 form, for denoising strips and inpainting callbacks); :func:`run` drains one and returns the
-final sample. All randomness comes from the ``generator`` argument.
+final sample. The generators are loops over single updates, :func:`ddpm_step` and
+:func:`ddim_step`, which methods that edit z between updates (inpainting clamps, RePaint's
+jumps back up) call directly. All randomness comes from the ``generator`` argument.
 """
 
 from __future__ import annotations
@@ -42,32 +44,55 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+Variance = Literal["beta", "posterior"]
+
+
+def ddpm_step(
+    denoise_fn: DenoiseFn,
+    x: Tensor,
+    t: int,
+    schedule: NoiseSchedule,
+    *,
+    prediction: Prediction = "eps",
+    variance: Variance = "beta",
+    generator: torch.Generator | None = None,
+) -> Step:
+    """One ancestral DDPM update z_t -> z_{t-1} (Ho et al. 2020, Algorithm 2, line 4):
+
+        z_{t-1} = (z_t - beta_t / sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_t) + sigma_t n   (eq. 11)
+
+    with fresh noise n (one draw from ``generator``) only when t > 1, and sigma_t^2 = beta_t
+    (``variance="beta"``) or the posterior variance beta_tilde_t (``"posterior"``).
+    ``x`` is z_t (B, ...), t in 1..T; one denoiser call.
+    """
+    if variance not in ("beta", "posterior"):
+        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+    if not 1 <= t <= schedule.num_steps:
+        raise ValueError(f"DDPM step t must be in 1..{schedule.num_steps}, got {t}")
+    sigma2 = schedule.betas if variance == "beta" else schedule.posterior_var
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    eps, x0 = schedule.to_eps_x0(x, tt, denoise_fn(x, tt), prediction)
+    coef = extract(schedule.betas / schedule.sqrt_one_minus_alpha_bar.clamp(min=1e-30), t, x.shape, x.dtype)
+    mean = (x - coef * eps) / extract(schedule.alphas.sqrt(), t, x.shape, x.dtype)
+    x = mean + extract(sigma2.sqrt(), t, x.shape, x.dtype) * _noise_like(x, generator) if t > 1 else mean
+    return Step(t=t, t_prev=t - 1, x=x, x0=x0, eps=eps)
+
+
 def ddpm_steps(
     denoise_fn: DenoiseFn,
     x: Tensor,
     schedule: NoiseSchedule,
     *,
     prediction: Prediction = "eps",
-    variance: Literal["beta", "posterior"] = "beta",
+    variance: Variance = "beta",
     generator: torch.Generator | None = None,
 ) -> Iterator[Step]:
-    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), from t = T down to 1.
-
-        z_{t-1} = (z_t - beta_t / sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_t) + sigma_t n   (eq. 11)
-
-    with fresh noise n only when t > 1, and sigma_t^2 = beta_t (``variance="beta"``) or the
-    posterior variance beta_tilde_t (``"posterior"``). ``x`` is z_T (B, ...).
-    """
-    if variance not in ("beta", "posterior"):
-        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
-    sigma2 = schedule.betas if variance == "beta" else schedule.posterior_var
+    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2): :func:`ddpm_step` from t = T down
+    to 1. ``x`` is z_T (B, ...)."""
     for t in range(schedule.num_steps, 0, -1):
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps, x0 = schedule.to_eps_x0(x, tt, denoise_fn(x, tt), prediction)
-        coef = extract(schedule.betas / schedule.sqrt_one_minus_alpha_bar.clamp(min=1e-30), t, x.shape, x.dtype)
-        mean = (x - coef * eps) / extract(schedule.alphas.sqrt(), t, x.shape, x.dtype)
-        x = mean + extract(sigma2.sqrt(), t, x.shape, x.dtype) * _noise_like(x, generator) if t > 1 else mean
-        yield Step(t=t, t_prev=t - 1, x=x, x0=x0, eps=eps)
+        step = ddpm_step(denoise_fn, x, t, schedule, prediction=prediction, variance=variance, generator=generator)
+        x = step.x
+        yield step
 
 
 def ddim_timesteps(num_steps: int, num_train_steps: int) -> list[int]:
@@ -116,14 +141,37 @@ def ddim_steps(
     ts = timesteps or ddim_timesteps(num_steps, schedule.num_steps)
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else t_end
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps, x0 = schedule.to_eps_x0(x, tt, denoise_fn(x, tt), prediction)
-        a_t, a_prev = schedule.alpha_bar[t], schedule.alpha_bar[t_prev]
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        x = a_prev.sqrt().to(x.dtype) * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt().to(x.dtype) * eps
-        if sigma > 0:
-            x = x + sigma.to(x.dtype) * _noise_like(x, generator)
-        yield Step(t=t, t_prev=t_prev, x=x, x0=x0, eps=eps)
+        step = ddim_step(denoise_fn, x, t, t_prev, schedule, eta=eta, prediction=prediction, generator=generator)
+        x = step.x
+        yield step
+
+
+def ddim_step(
+    denoise_fn: DenoiseFn,
+    x: Tensor,
+    t: int,
+    t_prev: int,
+    schedule: NoiseSchedule,
+    *,
+    eta: float = 0.0,
+    prediction: Prediction = "eps",
+    generator: torch.Generator | None = None,
+) -> Step:
+    """One DDIM update z_t -> z_{t_prev}, 0 <= t_prev <= t <= T (Song et al. 2021, eq. 12; the
+    formula is in :func:`ddim_steps`). One denoiser call; one noise draw from ``generator``
+    only when sigma > 0 (eta > 0 and t_prev < t). t_prev = 0 lands on alpha_bar_0 = 1 and returns
+    the x0 estimate; t_prev = t (a "first" landing after a grid that ends at 1) keeps z_t's level.
+    """
+    if not 0 <= t_prev <= t <= schedule.num_steps:
+        raise ValueError(f"a DDIM step needs 0 <= t_prev <= t <= {schedule.num_steps}, got t={t}, t_prev={t_prev}")
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    eps, x0 = schedule.to_eps_x0(x, tt, denoise_fn(x, tt), prediction)
+    a_t, a_prev = schedule.alpha_bar[t], schedule.alpha_bar[t_prev]
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    x = a_prev.sqrt().to(x.dtype) * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt().to(x.dtype) * eps
+    if sigma > 0:
+        x = x + sigma.to(x.dtype) * _noise_like(x, generator)
+    return Step(t=t, t_prev=t_prev, x=x, x0=x0, eps=eps)
 
 
 def run(steps: Iterator[Step], callback: Callable[[Step], None] | None = None) -> Tensor:
