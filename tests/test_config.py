@@ -39,6 +39,11 @@ def test_unknown_key_without_close_match_has_no_suggestion():
     assert msg == "params.yaml: unknown key 'data.zzzzzz'"
 
 
+def test_a_key_that_is_not_a_string_is_unknown():
+    msg = error_of(mutate=lambda r: r["tracking"].update({7: 1}))  # YAML `7: 1`
+    assert msg.startswith("params.yaml: unknown key 'tracking.7'") and "\n" not in msg
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [

@@ -47,7 +47,7 @@ from diffmodels.core.errors import ParamsError
 # Field types shared by the groups
 # --------------------------------------------------------------------------------------------
 
-T = TypeVar("T")
+Item = TypeVar("Item")
 
 
 def _list_to_tuple(value: Any) -> Any:
@@ -55,7 +55,7 @@ def _list_to_tuple(value: Any) -> Any:
 
 
 # A YAML list, kept as a tuple so the params stay frozen and hashable.
-ListOf = Annotated[tuple[T, ...], BeforeValidator(_list_to_tuple)]
+ListOf = Annotated[tuple[Item, ...], BeforeValidator(_list_to_tuple)]
 
 
 def _yaml_number(value: Any) -> Any:
@@ -468,7 +468,9 @@ def _explain(error: Any) -> list[str]:
     key = _dotted(loc)
     if kind == "params_rules":
         return list(error["ctx"]["problems"])
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "invalid_key"):  # invalid_key: not a string (YAML `1:` or `null:`)
+        group = _dotted(loc[:-1])
+        key = f"{group}.{loc[-1]}" if group else str(loc[-1])
         return [f"unknown key '{key}'{_suggest(key)}"]
     hint = _hint_at(loc)
     if kind == "missing":
@@ -512,11 +514,13 @@ def _hint_at(loc: tuple[str | int, ...]) -> Any:
     hint: Any = Params
     for part in loc:
         base = _unwrap(hint)[0]
-        if isinstance(part, int):
+        if isinstance(part, int) and typing.get_origin(base) is tuple:
             hint = typing.get_args(base)[0]  # tuple[X, ...]
-        else:
+        elif isinstance(base, type) and issubclass(base, BaseModel) and part in base.model_fields:
             field = base.model_fields[part]
             hint = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        else:
+            return Any  # not a place the schema declares: the caller's generic line
     return hint
 
 
@@ -576,7 +580,8 @@ def _describe(hint: Any) -> str:
     elif typing.get_origin(base) is tuple:
         text = f"a list of {_describe(typing.get_args(base)[0])}"
     else:
-        text = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}[base] + _bounds_text(bounds)
+        names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+        text = names.get(base, "a value") + _bounds_text(bounds)
     return f"{text} or null" if nullable else text
 
 
