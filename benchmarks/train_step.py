@@ -27,7 +27,7 @@ MIXERS = ("serpentine", "attention", "none")
 
 
 def build(p, mixer: str, size: int, channels: int, device: torch.device) -> UNet:
-    levels = len(p.channel_mults)
+    levels = len(p.channel_mult)
     cfg = UNetConfig.from_params(p, in_channels=channels, latent_size=size, num_classes=10, mixer=mixer,
                                  mixer_downsample=tuple(2**i for i in range(levels)), dropout=0.0)
     return UNet(cfg).to(device)

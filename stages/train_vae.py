@@ -100,7 +100,7 @@ def train(args, params, world: distributed.World) -> None:
     started = time.perf_counter()
     torch.manual_seed(seed)
     device = world.device
-    precision = Precision.choose(device, p.amp)
+    precision = Precision.from_mode(device, p.amp)
 
     manifest_path = args.prepared / "manifest.json"
     if not manifest_path.is_file():

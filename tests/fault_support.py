@@ -26,7 +26,7 @@ from tests.vae_support import ROOT, tiny_params, tiny_prepared
 # train_ddpm at 2x2 latents: 30 steps, checkpoints at 10, 20, 30; little logging so that the
 # steps, not MLflow, set the pace.
 FAST_DDPM = {
-    "num_steps": 50, "base_channels": 8, "channel_mults": [1, 2], "blocks_per_level": 1, "norm_groups": 4,
+    "num_steps": 50, "base_channels": 8, "channel_mult": [1, 2], "blocks_per_level": 1, "norm_groups": 4,
     "mixer_downsample": [1, 2], "ssm_state": 4, "steps": 30, "warmup_steps": 2, "batch_size": 8,
     "checkpoint_every": 10, "log_every": 10, "sample_every": 1000, "sample_steps": 3, "device": "cpu",
 }
@@ -60,8 +60,7 @@ def tiny_workdir(root: Path, ddpm: dict | None = None) -> Path:
     write_json(root / "latents" / "manifest.json", {"scale_factor": scale})
 
     p = params.ddpm
-    cfg = UNetConfig.from_params(p, in_channels=params.latents.channels, latent_size=2, num_classes=0,
-                                 attention_heads=4, serpentine_directions=2, serpentine_merge="mean", dropout=0.0)
+    cfg = UNetConfig.from_params(p, in_channels=params.latents.channels, latent_size=2, num_classes=0)
     unet = UNet(cfg)
     save_denoiser(root / "ddpm.safetensors", unet, EMA(unet, 0.9).state_dict(), {
         "unet": cfg.to_dict(), "prediction": p.prediction, "scale_factor": scale, "class_names": [],

@@ -39,6 +39,11 @@ def test_unknown_key_without_close_match_has_no_suggestion():
     assert msg == "params.yaml: unknown key 'data.zzzzzz'"
 
 
+def test_a_key_that_is_not_a_string_is_unknown():
+    msg = error_of(mutate=lambda r: r["tracking"].update({7: 1}))  # YAML `7: 1`
+    assert msg.startswith("params.yaml: unknown key 'tracking.7'") and "\n" not in msg
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [
@@ -56,6 +61,15 @@ def test_unknown_key_without_close_match_has_no_suggestion():
         ({"data.mask_sets": "centre_aligned"}, "data.mask_sets must be a list (got 'centre_aligned')"),
         ({"data": 5}, "data must be a mapping of keys to values (got 5)"),
         ({"seed": -1}, "seed must be >= 0"),
+        # Literal[1, 3] alone would take YAML true and 1.0 (they compare equal to 1)
+        ({"data.channels": True}, "data.channels must be one of 1, 3; got True"),
+        ({"data.channels": 1.0}, "data.channels must be one of 1, 3; got 1.0"),
+        ({"vae.amp": True}, "vae.amp must be one of 'auto', 'bf16', 'fp16', 'off'; got True"),
+        ({"vae.lr": 2}, "vae.lr must be > 0, <= 1 (got 2.0: not <= 1)"),
+        ({"sample.why_iterate_steps": [200, 0]}, "sample.why_iterate_steps[1] must be >= 1 (got 0: not >= 1)"),
+        ({"data.max_train": "many"}, "data.max_train must be an integer (>= 1) (got 'many')"),
+        ({"tracking.experiment": ""}, "tracking.experiment must be a non-empty string (got '')"),
+        ({"data.resolution": 4}, "(got 4: not >= 16)"),  # the first bound broken, in the order they read
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(overrides, expected):
@@ -69,11 +83,45 @@ def test_missing_key_is_reported_with_expected_type():
     assert msg == "params.yaml: missing key 'data.channels' (expected one of 1, 3)"
 
 
+def test_an_empty_group_reports_each_key_missing():
+    msg = error_of({"eval": None})
+    assert msg.splitlines() == ["params.yaml: missing key 'eval.fid_real_images' (expected an integer (>= 2))",
+                                "params.yaml: missing key 'eval.fid_batch_size' (expected an integer (>= 1))",
+                                "params.yaml: missing key 'eval.kid_subsets' (expected an integer (>= 1))"]
+    assert error_of(mutate=lambda r: r["data"].pop("max_train")) == (
+        "params.yaml: missing key 'data.max_train' (expected an integer (>= 1) or null)")
+
+
+def test_params_are_frozen():
+    params = parse_params(params_with())
+    with pytest.raises(ValueError):
+        params.vae.lr = 1.0
+    assert params.vae.amp == "auto" == params.ddpm.amp  # one mode string for both training stages
+
+
 def test_cross_field_checks():
     assert "data.source must name a folder" in error_of({"data.dataset": "folder", "data.source": None})
     assert "data.val_fraction + data.test_fraction must be < 1" in error_of(
         {"data.val_fraction": 0.6, "data.test_fraction": 0.5}
     )
+
+
+def test_a_group_rule_is_reported_beside_another_groups_bad_value():
+    msg = error_of({"data.resolution": 30, "ddpm.beta_start": 0.5, "ddpm.beta_end": 0.1})
+    assert msg.splitlines() == [
+        "params.yaml: data.resolution must be >= 16, <= 1024, a multiple of 8 (got 30: not a multiple of 8)",
+        "params.yaml: ddpm.beta_start must be < ddpm.beta_end (got 0.5 >= 0.1)",
+    ]
+
+
+def test_rules_across_groups():
+    msg = error_of({"distributed.nproc_per_node": 3})
+    assert msg.splitlines() == [
+        "params.yaml: vae.batch_size 32 must be a multiple of distributed.nproc_per_node 3 "
+        "(each process takes an equal share of the batch)",
+        "params.yaml: ddpm.batch_size 64 must be a multiple of distributed.nproc_per_node 3 "
+        "(each process takes an equal share of the batch)",
+    ]
 
 
 def test_every_problem_is_listed_one_per_line():
@@ -110,7 +158,7 @@ def test_flatten_uses_dotted_names_and_filters_groups():
 
 def test_params_yaml_declares_every_schema_group():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(raw) == {f.name for f in dataclasses.fields(Params)}
+    assert set(raw) == set(Params.model_fields)
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -118,7 +166,7 @@ def test_params_yaml_declares_every_schema_group():
     ({"ddpm.mixer": "attention", "ddpm.attention_heads": 3}, "ddpm.attention_heads 3"),
     ({"ddpm.norm_groups": 5}, "ddpm.norm_groups 5"),
     ({"ddpm.mixer_downsample": [4]}, "ddpm.mixer_downsample lists [4]"),
-    ({"ddpm.channel_mults": [1, 2, 2, 2, 2]}, "change ddpm.channel_mults or data.resolution"),
+    ({"ddpm.channel_mult": [1, 2, 2, 2, 2]}, "change ddpm.channel_mult or data.resolution"),
 ])
 def test_networks_that_cannot_be_built_fail_at_load_naming_the_key(overrides, key):
     """The denoiser's constraints are checked with the params, not deep inside the SSM."""
@@ -145,3 +193,22 @@ def test_params_that_validate_build_a_unet_and_params_that_fail_do_not():
                 except ValueError:
                     built = False
                 assert built == (not cfg.problems()), (mixer, width, heads, cfg.problems())
+
+
+def test_network_configs_take_the_params_names():
+    """UNetConfig and VAEConfig fields are the ddpm / vae keys of the same name (the data decides
+    the rest), and from_params copies each of them."""
+    from diffmodels.models.unet import UNetConfig
+    from diffmodels.models.vae import VAEConfig
+
+    params = parse_params(params_with())
+    for config_cls, group, from_data in ((UNetConfig, params.ddpm, {"in_channels", "latent_size", "num_classes"}),
+                                         (VAEConfig, params.vae, {"in_channels", "latent_channels"})):
+        names = {f.name for f in dataclasses.fields(config_cls)} - from_data
+        assert names <= set(type(group).model_fields), names - set(type(group).model_fields)
+    unet = UNetConfig.from_params(params.ddpm, in_channels=4, latent_size=8, num_classes=10)
+    assert {k: getattr(unet, k) for k in ("channel_mult", "scan_directions", "scan_merge", "ssm_state", "dropout")} == {
+        k: getattr(params.ddpm, k) for k in ("channel_mult", "scan_directions", "scan_merge", "ssm_state", "dropout")}
+    assert (unet.in_channels, unet.latent_size, unet.num_classes) == (4, 8, 10)
+    vae = VAEConfig.from_params(params.vae, in_channels=1, latent_channels=4)
+    assert vae.channel_mult == params.vae.channel_mult and vae.upsample == params.vae.upsample

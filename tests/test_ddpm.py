@@ -62,7 +62,7 @@ def test_label_dropout_uses_the_null_label():
 
 def test_a_tiny_unet_overfits_a_tiny_latent_set():
     torch.manual_seed(0)
-    cfg = UNetConfig(in_channels=2, latent_size=4, base_channels=16, channel_mults=(1, 2), blocks_per_level=1,
+    cfg = UNetConfig(in_channels=2, latent_size=4, base_channels=16, channel_mult=(1, 2), blocks_per_level=1,
                      mixer="serpentine", mixer_downsample=(1, 2), num_classes=0, norm_groups=4)
     model = UNet(cfg)
     s = NoiseSchedule.from_kind("linear", 100)

@@ -15,7 +15,7 @@ from tests.vae_support import tiny_params, tiny_prepared
 pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_store")
 
 TINY_DDPM = {
-    "num_steps": 50, "base_channels": 8, "channel_mults": [1, 2], "blocks_per_level": 1, "norm_groups": 4,
+    "num_steps": 50, "base_channels": 8, "channel_mult": [1, 2], "blocks_per_level": 1, "norm_groups": 4,
     "mixer_downsample": [1, 2], "ssm_state": 4, "steps": 10, "warmup_steps": 2, "batch_size": 8,
     "checkpoint_every": 5, "log_every": 1, "sample_every": 4, "sample_steps": 3, "device": "cpu",
 }

@@ -177,7 +177,7 @@ def test_failed_workers_are_one_line(workdir, tmp_path, capfd):
 def test_shard_losses_and_gradients_average_to_the_global_batch():
     """What each DDP rank computes: its rows of the global batch, with the global batch's noise."""
     torch.manual_seed(0)
-    model = UNet(UNetConfig(in_channels=3, latent_size=4, base_channels=8, channel_mults=(1, 2), blocks_per_level=1,
+    model = UNet(UNetConfig(in_channels=3, latent_size=4, base_channels=8, channel_mult=(1, 2), blocks_per_level=1,
                             mixer="none", mixer_downsample=(), num_classes=3, norm_groups=4))
     schedule = NoiseSchedule.from_kind("linear", 50)
     z0, labels = torch.randn(8, 3, 4, 4), torch.arange(8) % 3

@@ -17,7 +17,7 @@ from diffmodels.models.unet import (
 
 
 def config(**overrides):
-    base = dict(in_channels=4, latent_size=8, base_channels=16, channel_mults=(1, 2), blocks_per_level=1,
+    base = dict(in_channels=4, latent_size=8, base_channels=16, channel_mult=(1, 2), blocks_per_level=1,
                 mixer="serpentine", mixer_downsample=(1, 2), num_classes=0, norm_groups=4)
     return UNetConfig(**{**base, **overrides})
 
@@ -105,7 +105,7 @@ def unet_reference(model, x, t, labels=None):
     if cfg.num_classes:
         labels = torch.full_like(t, cfg.num_classes) if labels is None else labels
         emb = emb + w["label_emb.weight"][labels]
-    levels = len(cfg.channel_mults)
+    levels = len(cfg.channel_mult)
     down, up = iter(model.down), iter(model.up)
     h = _conv(x.double(), model.stem)
     skips = [h]
@@ -221,6 +221,11 @@ def test_bf16_autocast_on_cpu_follows_float32_and_every_parameter_gets_a_gradien
 def test_config_round_trip_and_timestep_embedding():
     cfg = config(num_classes=4)
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    # weights files written before the fields took the ddpm params names still load
+    renamed = {"channel_mult": "channel_mults", "scan_directions": "serpentine_directions",
+               "scan_merge": "serpentine_merge", "ssm_state": "serpentine_state"}
+    old = {renamed.get(k, k): list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
+    assert "channel_mults" in old and UNetConfig.from_dict(old) == cfg
     emb = timestep_embedding(torch.tensor([0, 1, 2]), 7)
     assert emb.shape == (3, 7)
     assert torch.allclose(emb[0, :3], torch.ones(3)) and torch.allclose(emb[0, 3:6], torch.zeros(3))

@@ -1,4 +1,4 @@
-"""Time-conditioned denoiser UNet for latents (SPEC 5.3).
+"""Time-conditioned denoiser UNet for latents (Ho et al. 2020; LDM, Rombach et al. 2022).
 
     eps_hat = UNet(z_t, t, labels)        z_t (B, C, H, W), t (B,) int in 1..T, labels (B,) int
 
@@ -18,13 +18,14 @@ The middle (lowest resolution) is res -> context -> res, with context whenever t
 not 'none'. Class conditioning adds a label embedding to the timestep embedding; label
 ``num_classes`` is the null label used for classifier-free guidance.
 
-The network knows nothing of the noise schedule (STYLE rule 3): it maps (z_t, t) to an output.
+The network knows nothing of the noise schedule (that lives in diffmodels.diffusion): it maps
+(z_t, t) to an output.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -36,12 +37,22 @@ from diffmodels.models.serpentine import SerpentineBlock, default_family
 Mixer = Literal["serpentine", "attention", "none"]
 
 
+# Field names of configs written before the names were made those of the ``ddpm`` params group.
+_RENAMED = {"channel_mults": "channel_mult", "serpentine_directions": "scan_directions",
+            "serpentine_merge": "scan_merge", "serpentine_state": "ssm_state"}
+
+
 @dataclass(frozen=True)
 class UNetConfig:
+    """Architecture of a :class:`UNet`; embedded in the denoiser's weights file (:meth:`to_dict`).
+
+    Every field but ``in_channels``, ``latent_size`` and ``num_classes`` (which the data decides)
+    is the ``ddpm`` params key of the same name, so :meth:`from_params` copies by name."""
+
     in_channels: int  # latent channels
     latent_size: int  # latent side (H = W) the network is built for
     base_channels: int
-    channel_mults: tuple[int, ...]
+    channel_mult: tuple[int, ...]  # one per level; level l has base_channels * channel_mult[l] channels
     blocks_per_level: int
     mixer: Mixer
     mixer_downsample: tuple[int, ...]  # factors 2^level whose levels get context blocks (the middle always)
@@ -49,46 +60,46 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 8
     attention_heads: int = 4
-    serpentine_directions: int = 2
-    serpentine_merge: str = "mean"
-    serpentine_state: int = 16
+    scan_directions: int = 2  # serpentine scan paths per context block (diffmodels.models.serpentine)
+    scan_merge: str = "mean"  # how the directions' outputs combine: sum or mean
+    ssm_state: int = 16  # state size N of the selective SSM
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
-        d = dict(d)
-        d["channel_mults"] = tuple(d["channel_mults"])
+        """From :meth:`to_dict` output, including that of weights files written under the old field
+        names (``channel_mults``, ``serpentine_directions``, ...)."""
+        d = {_RENAMED.get(k, k): v for k, v in d.items()}
+        d["channel_mult"] = tuple(d["channel_mult"])
         d["mixer_downsample"] = tuple(d["mixer_downsample"])
         return cls(**d)
 
     @classmethod
-    def from_params(cls, p: Any, *, in_channels: int, latent_size: int, num_classes: int, **overrides: Any) -> UNetConfig:
+    def from_params(cls, p: Any, *, in_channels: int, latent_size: int, num_classes: int,
+                    **overrides: Any) -> UNetConfig:
         """The UNet that ``params.yaml``'s ``ddpm`` group describes (``p``: its typed params), for
         latents (``in_channels``, ``latent_size`` x ``latent_size``); ``overrides`` replace fields
-        (a benchmark's mixer, say)."""
-        fields = dict(
-            in_channels=in_channels, latent_size=latent_size, base_channels=p.base_channels,
-            channel_mults=tuple(p.channel_mults), blocks_per_level=p.blocks_per_level, mixer=p.mixer,
-            mixer_downsample=tuple(p.mixer_downsample), num_classes=num_classes, dropout=p.dropout,
-            norm_groups=p.norm_groups, attention_heads=p.attention_heads, serpentine_directions=p.scan_directions,
-            serpentine_merge=p.scan_merge, serpentine_state=p.ssm_state,
-        )
-        return cls(**{**fields, **overrides})
+        (a benchmark's mixer, say). Every other field is read from ``p`` under its own name: a
+        field missing there is an AttributeError, never a silent default."""
+        given = {"in_channels": in_channels, "latent_size": latent_size, "num_classes": num_classes, **overrides}
+        copied = {f.name: getattr(p, f.name) for f in fields(cls) if f.name not in given}
+        merged = {**copied, **given}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
 
     @property
     def resolutions(self) -> tuple[int, ...]:
-        return tuple(self.latent_size // 2**i for i in range(len(self.channel_mults)))
+        return tuple(self.latent_size // 2**i for i in range(len(self.channel_mult)))
 
     def context_widths(self) -> list[int]:
         """Channel widths of the levels that get context blocks: those in ``mixer_downsample``,
         and the middle (the last level) always; empty for ``mixer='none'``."""
         if self.mixer == "none":
             return []
-        levels = range(len(self.channel_mults))
-        picked = [i for i in levels if self.has_context(2**i)] + [len(self.channel_mults) - 1]
-        return sorted({self.base_channels * self.channel_mults[i] for i in picked})
+        levels = range(len(self.channel_mult))
+        picked = [i for i in levels if self.has_context(2**i)] + [len(self.channel_mult) - 1]
+        return sorted({self.base_channels * self.channel_mult[i] for i in picked})
 
     def has_context(self, factor: int) -> bool:
         """Whether the level downsampled by ``factor`` (2^level) gets context blocks after its
@@ -100,19 +111,19 @@ class UNetConfig:
         ``ddpm`` key to change (empty when it can be built). Params validation asks this too, so
         a width the scan cannot split into heads fails at load, not deep inside the SSM."""
         errors = []
-        levels = len(self.channel_mults)
+        levels = len(self.channel_mult)
         if self.latent_size % 2 ** (levels - 1):
             errors.append(f"latent size {self.latent_size} must be divisible by 2^{levels - 1} = {2 ** (levels - 1)} "
-                          f"for {levels} UNet levels (change ddpm.channel_mults or data.resolution)")
+                          f"for {levels} UNet levels (change ddpm.channel_mult or data.resolution)")
         factors = [2**level for level in range(levels)]
         unknown = sorted(set(self.mixer_downsample) - set(factors))
         if unknown:
             errors.append(f"ddpm.mixer_downsample lists {unknown}; the UNet's {levels} levels have factors {factors}")
-        widths = [self.base_channels * m for m in self.channel_mults]
+        widths = [self.base_channels * m for m in self.channel_mult]
         bad = [c for c in widths if c % self.norm_groups]
         if bad:
             errors.append(f"ddpm.norm_groups {self.norm_groups} must divide every level's width "
-                          f"(ddpm.base_channels x ddpm.channel_mults: {bad[0]} is not a multiple)")
+                          f"(ddpm.base_channels x ddpm.channel_mult: {bad[0]} is not a multiple)")
         if unknown:  # the context levels are not defined
             return errors
         if self.mixer == "attention":
@@ -207,7 +218,7 @@ class UNet(nn.Module):
         super().__init__()
         config.check()
         self.config = cfg = config
-        ch = [cfg.base_channels * m for m in cfg.channel_mults]
+        ch = [cfg.base_channels * m for m in cfg.channel_mult]
         emb_dim = 4 * cfg.base_channels
         self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes > 0 else None
@@ -251,10 +262,10 @@ class UNet(nn.Module):
             return AttentionBlock(channels, cfg.attention_heads, cfg.norm_groups)
         block = SerpentineBlock(
             channels,
-            directions=cfg.serpentine_directions,
+            directions=cfg.scan_directions,
             family=default_family(self._n_context),
-            merge=cfg.serpentine_merge,
-            d_state=cfg.serpentine_state,
+            merge=cfg.scan_merge,
+            d_state=cfg.ssm_state,
             headdim=serpentine_headdim(channels),
             expand=SSM_EXPAND,
             norm_groups=cfg.norm_groups,

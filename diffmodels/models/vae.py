@@ -1,4 +1,4 @@
-"""Localized VAE (SPEC 5.1): a stride-8 convolutional autoencoder whose decoder is local.
+"""Localized VAE: a stride-8 convolutional autoencoder whose decoder is local.
 
 Geometry (G = 8, exact)
     Three 2x downsamples, each a 2x2 convolution with stride 2 and no padding, so latent (i, j)
@@ -103,18 +103,11 @@ class VAEConfig:
 
     @classmethod
     def from_params(cls, vae: Any, in_channels: int, latent_channels: int) -> VAEConfig:
-        """From the ``vae`` params group (:class:`diffmodels.core.config.VaeParams`) and the data's channels."""
-        return cls(
-            in_channels=in_channels,
-            latent_channels=latent_channels,
-            base_channels=vae.base_channels,
-            channel_mult=tuple(vae.channel_mult),
-            blocks_per_level=vae.blocks_per_level,
-            se=vae.se,
-            se_reduction=vae.se_reduction,
-            decoder_kernel=vae.decoder_kernel,
-            upsample=vae.upsample,
-        )
+        """From the ``vae`` params group (:class:`diffmodels.core.config.VaeParams`) and the data's
+        channels. Every other field is the params key of the same name (missing: AttributeError)."""
+        given = {"in_channels": in_channels, "latent_channels": latent_channels}
+        copied = {f.name: getattr(vae, f.name) for f in dataclasses.fields(cls) if f.name not in given}
+        return cls(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in copied.items()}, **given})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
