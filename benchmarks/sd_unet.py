@@ -1,4 +1,4 @@
-"""SD v1 UNet: one denoising step of our implementation vs diffusers, same random weights (SPEC 11).
+"""SD v1 UNet: one denoising step of our implementation vs diffusers, same random weights (docs/design.md#performance).
 
     python -m benchmarks.sd_unet [--full] [--latent 64] [--batch 1] [--dtype float16] [--repeats 10] [--threads 1] [--out reports/bench]
 

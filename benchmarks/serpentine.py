@@ -1,4 +1,4 @@
-"""Serpentine block vs full self-attention, and the chunked scan vs the sequential loop (SPEC 11).
+"""Serpentine block vs full self-attention, and the chunked scan vs the sequential loop (docs/design.md#performance).
 
     python -m benchmarks.serpentine [--out reports/bench] [--batch 2] [--width 64] [--max-grid 128]
 

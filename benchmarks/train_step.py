@@ -1,4 +1,4 @@
-"""Denoiser training throughput: latents per second and peak memory of one step (SPEC 11).
+"""Denoiser training throughput: latents per second and peak memory of one step (docs/design.md#performance).
 
     python -m benchmarks.train_step [--out reports/bench] [--batch 32] [--sizes 8 32] [--repeats 5]
 

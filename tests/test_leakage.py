@@ -1,4 +1,4 @@
-"""Leakage, fidelity and seam metrics (SPEC 6.1-6.4) on constructed cases with known answers."""
+"""Leakage, fidelity and seam metrics (docs/metrics.md) on constructed cases with known answers."""
 
 import math
 

@@ -1,6 +1,6 @@
-"""Evaluation mask sets (SPEC 6, "Mask sets").
+"""Evaluation mask sets (docs/metrics.md#mask-sets).
 
-A mask is a boolean (H, W) array, True = hole (pixels to inpaint); the keep-mask of SPEC 6 is
+A mask is a boolean (H, W) array, True = hole (pixels to inpaint); the keep-mask of docs/metrics.md is
 ``K = ~hole``. On disk each mask is an 8-bit PNG with 255 = hole and 0 = keep, the convention
 of LaMa and SD inpainting.
 

@@ -1,4 +1,4 @@
-"""The DDPM training objective (SPEC 5.4).
+"""The DDPM training objective (docs/maths.md#diffusion).
 
 Training (Ho et al. 2020, Algorithm 1): draw t ~ U{1..T} and eps ~ N(0, I), form
 z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, and regress the network output on the

@@ -1,2 +1,2 @@
 """Evaluation metrics: FID/KID (``fid``), leakage across a mask boundary (``leakage``),
-preserved-region fidelity (``fidelity``) and the seam score (``seam``); SPEC 6."""
+preserved-region fidelity (``fidelity``) and the seam score (``seam``); docs/metrics.md"""

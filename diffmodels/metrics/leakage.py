@@ -1,6 +1,6 @@
-"""Leakage across a mask boundary (SPEC 6.1, 6.2): how far a change in the hole reaches out.
+"""Leakage across a mask boundary (docs/metrics.md#decoder-leakage, #encoder-leakage): how far a change in the hole reaches out.
 
-Notation (SPEC 6): ``hole`` is the pixel mask H, True = hole (as :mod:`diffmodels.data.masks`);
+Notation (docs/metrics.md): ``hole`` is the pixel mask H, True = hole (as :mod:`diffmodels.data.masks`);
 K = ~hole is the keep-mask; D the decoder (unscaled latents -> images in [-1, 1]); E the
 encoder's posterior mean; d(p) the Euclidean distance in pixels from pixel p to the nearest
 hole pixel (``scipy.ndimage.distance_transform_edt``; 1 for a kept pixel next to the hole).
@@ -133,7 +133,7 @@ class LeakageProfile:
 
 
 # --------------------------------------------------------------------------------------------
-# Decoder leakage (SPEC 6.1)
+# Decoder leakage (docs/metrics.md#decoder-leakage)
 # --------------------------------------------------------------------------------------------
 
 
@@ -190,7 +190,7 @@ def decoder_leakage(
     mask_policy: MaskPolicy = "nearest",
     max_distance: int = MAX_DISTANCE_PX,
 ) -> LeakageProfile:
-    """Decoder leakage profile (SPEC 6.1, module docstring): mean |D(z') - D(z)| in [0, 1] units
+    """Decoder leakage profile (docs/metrics.md#decoder-leakage, module docstring): mean |D(z') - D(z)| in [0, 1] units
     over kept pixels, binned by d(p) in pixels. ``z`` (B, C, h, w) unscaled E(x); ``hole``
     (B, H, W) pixel mask, True = hole; ``replacements`` (R, B, C, h, w) for the hole tiles, which
     are chosen from the pixel hole by ``mask_policy`` as the inpainting methods choose them.
@@ -215,7 +215,7 @@ def leakage_scalars(profile: LeakageProfile) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------
-# Encoder leakage (SPEC 6.2)
+# Encoder leakage (docs/metrics.md#encoder-leakage)
 # --------------------------------------------------------------------------------------------
 
 
@@ -238,7 +238,7 @@ def encoder_leakage(
     *,
     max_distance: int = MAX_DISTANCE_TILES,
 ) -> LeakageProfile:
-    """Encoder leakage profile (SPEC 6.2, module docstring): relative change of kept latent tiles
+    """Encoder leakage profile (docs/metrics.md#encoder-leakage, module docstring): relative change of kept latent tiles
     when the hole's pixels are replaced by each of ``fills`` (R, B, C, H, W), binned by tile
     distance to the nearest tile with a hole pixel. ``encode``: images (B, C, H, W) in [-1, 1]
     -> posterior mean (B, C_lat, H/8, W/8). ``profile.mean`` is ``enc_leak_mean``."""
@@ -282,7 +282,7 @@ class VaeLeakage:
 
 
 def mask_alignment(mask_set: str) -> str:
-    """``centre_aligned`` -> ``aligned``: the alignment suffix of a mask-set name (SPEC 6, "Mask sets")."""
+    """``centre_aligned`` -> ``aligned``: the alignment suffix of a mask-set name (docs/metrics.md#mask-sets)."""
     return mask_set.rsplit("_", 1)[-1]
 
 

@@ -1,4 +1,4 @@
-"""Seam score (SPEC 6.4): does the mask boundary show in the output?
+"""Seam score (docs/metrics.md#seam-score): does the mask boundary show in the output?
 
     seam(y, x) = (G(y) + eps) / (G(x) + eps),    eps = 1e-6,
     G(img) = mean over the band B and channels of |grad img|,

@@ -2,7 +2,7 @@
 
 A feature map (B, C, H, W) is flattened along several *scan orders*, each a permutation of the
 H*W grid positions; one call of ``SelectiveSSM`` runs all of them (directions folded into the
-batch), each result is put back on the grid and the directions are merged (SPEC 5.2; ZigMa,
+batch), each result is put back on the grid and the directions are merged (docs/maths.md#serpentine-blocks; ZigMa,
 Hu et al. 2024, and Vision Mamba, Zhu et al. 2024, scan images this way).
 
 Scan orders are snake (boustrophedon) paths, so consecutive sequence positions are always grid

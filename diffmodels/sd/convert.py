@@ -1,4 +1,4 @@
-"""Stable Diffusion v1 checkpoints -> our modules: tables plus strict checks (STYLE rule 6).
+"""Stable Diffusion v1 checkpoints -> our modules: tables plus strict checks.
 
     models = convert_checkpoint("v1-5-pruned-emaonly.safetensors")   # -> SDModels
     models = convert_diffusers_folder("stable-diffusion-v1-5/")

@@ -1,4 +1,4 @@
-"""Where and in which precision the SD components run (SPEC 7: CPU / CUDA / MPS, fp16, offload).
+"""Where and in which precision the SD components run (docs/maths.md#stable-diffusion-v1-5: CPU / CUDA / MPS, fp16, offload).
 
     placement = choose_placement("auto")          # cuda > mps > cpu; fp16 on a GPU, VAE in float32
     sd = StableDiffusion(...).place(placement)

@@ -7,7 +7,7 @@
     images = sd.inpaint(init, holes, ["a red door"], generator=g)
     images = sd.anagram(["an old man"], ["a campfire"], flip="vertical", generator=g)
 
-The networks, the schedule and the sampler meet only here (STYLE rule 3): the UNet is wrapped as
+The networks, the schedule and the sampler meet only here (docs/design.md#layers): the UNet is wrapped as
 ``denoise_fn(x, t)`` for the shared samplers (:mod:`diffmodels.diffusion.samplers`), whose t runs 1..T
 while the UNet was trained on the 0-based index t - 1. Latents are scaled by 0.18215 before
 diffusion and unscaled before decoding. Every path's last DDIM step lands on alpha_bar_1 =

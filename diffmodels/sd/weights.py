@@ -7,7 +7,7 @@
 
 The saved file is a diffmodels checkpoint (:mod:`diffmodels.core.checkpoint`): tensors ``unet/...``,
 ``vae/...``, ``text_encoder/...`` in our module names, with the three configs embedded, so it
-rebuilds the models alone (STYLE rule 2).
+rebuilds the models alone.
 """
 
 from __future__ import annotations
