@@ -1,6 +1,7 @@
 """SD v1 UNet: one denoising step of our implementation vs diffusers, same random weights (docs/design.md#performance).
 
-    python -m benchmarks.sd_unet [--full] [--latent 64] [--batch 1] [--dtype float16] [--repeats 10] [--threads 1] [--out reports/bench]
+    python -m benchmarks.sd_unet [--full] [--latent 64] [--batch 1] [--dtype float16] [--repeats 10]
+                                 [--threads 1] [--out reports/bench]
 
 Builds diffusers' ``UNet2DConditionModel`` for a config, perturbs every weight (so no branch is a
 zero-initialised no-op), converts its state dict into our :class:`~diffmodels.sd.unet.SDUNet`
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: float16 on CUDA, float32 elsewhere")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's); 1 avoids OpenMP contention on a shared CPU")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: torch's); 1 avoids OpenMP contention on a shared CPU")
     ap.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = ap.parse_args(argv)
     device = select_device(args.device)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -133,8 +134,8 @@ def bench_scan(device: torch.device, lengths=(256, 1024, 4096, 16384)) -> list[d
             reps = 3 if l <= 4096 else 1
             row = {
                 "L": l,
-                "chunked_ms": time_ms(lambda: ssd_chunked_scan(*inputs, chunk_size=64), reps, device)[1],
-                "loop_ms": time_ms(lambda: selective_scan_reference(*inputs), reps, device)[1],
+                "chunked_ms": time_ms(partial(ssd_chunked_scan, *inputs, chunk_size=64), reps, device)[1],
+                "loop_ms": time_ms(partial(selective_scan_reference, *inputs), reps, device)[1],
                 "max_abs_diff": (y_chunk - y_loop).abs().max().item(),
                 "max_abs_output": y_loop.abs().max().item(),
             }

@@ -72,7 +72,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = [None, torch.bfloat16] if device.type == "cuda" else [None]
     rows = []
-    print(f"{'mixer':<11}{'latent':>7}{'prec':>9}{'ms (median)':>13}{'ms (min)':>10}{'latents/s':>11}{'peak MiB':>10}{'params':>11}")
+    print(f"{'mixer':<11}{'latent':>7}{'prec':>9}{'ms (median)':>13}{'ms (min)':>10}"
+          f"{'latents/s':>11}{'peak MiB':>10}{'params':>11}")
     for size in args.sizes:
         for mixer in MIXERS:
             for amp in precisions:

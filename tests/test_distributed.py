@@ -97,7 +97,9 @@ def assert_same_trajectory(one, two):
     assert header == header_two and rows_one.shape == rows_two.shape
     assert torch.equal(rows_one[:, 0], rows_two[:, 0])  # the same steps
     for i, column in enumerate(header[1:], start=1):
-        torch.testing.assert_close(rows_two[:, i], rows_one[:, i], rtol=RTOL[column], atol=1e-7, msg=lambda m, c=column: f"{c}: {m}")
+        torch.testing.assert_close(
+            rows_two[:, i], rows_one[:, i], rtol=RTOL[column], atol=1e-7, msg=lambda m, c=column: f"{c}: {m}"
+        )
 
 
 def runs_with_world_size(uri, stage, size):

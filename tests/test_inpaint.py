@@ -70,7 +70,8 @@ def test_misaligned_mask_follows_the_policy():
 
 
 def test_nearest_policy_is_nearest_exact_downsampling_and_conservative_keeps_only_clean_tiles():
-    holes = torch.from_numpy(np.stack([make_mask(f"{s}_offset", i, 32, seed=3) for s in ("boxes", "brush", "centre") for i in range(3)]))
+    masks = [make_mask(f"{s}_offset", i, 32, seed=3) for s in ("boxes", "brush", "centre") for i in range(3)]
+    holes = torch.from_numpy(np.stack(masks))
     near, cons = latent_hole(holes, "nearest"), latent_hole(holes, "conservative")
     ref = F.interpolate(holes[:, None].float(), scale_factor=1 / 8, mode="nearest-exact") > 0.5
     assert torch.equal(near, ref)

@@ -179,7 +179,8 @@ def test_checkpoints_of_equal_contents_are_byte_identical_across_processes(tmp_p
 
 
 def test_checkpoints_in_the_earlier_two_key_layout_still_load(tmp_path):
-    save_file({"w": torch.zeros(2)}, str(tmp_path / "old.safetensors"), metadata={"format": FORMAT, "meta": json.dumps({"step": 5})})
+    metadata = {"format": FORMAT, "meta": json.dumps({"step": 5})}
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "old.safetensors"), metadata=metadata)
     assert load_checkpoint(tmp_path / "old.safetensors").meta == {"step": 5}
 
 

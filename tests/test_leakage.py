@@ -210,7 +210,7 @@ def test_encoder_leakage_of_real_vaes_with_and_without_se():
         cfg = VAEConfig(in_channels=1, latent_channels=3, base_channels=4, channel_mult=(1, 1, 2, 2),
                         blocks_per_level=1, se=se, se_reduction=2, decoder_kernel=3, upsample="nearest")
         vae = VAE(cfg).double().eval()
-        profiles[se] = encoder_leakage(lambda im: vae.encode(im)[0], x, hole, fills)
+        profiles[se] = encoder_leakage(lambda im: vae.encode(im)[0], x, hole, fills)  # noqa: B023 - called at once
     assert profiles[False].count[8] > 0 and profiles[False].value[8] == 0.0
     assert profiles[True].value[8] > 0.0
     assert profiles[False].value[1] > 0.0, "neighbours inside the receptive field do move"

@@ -80,7 +80,9 @@ def test_offload_runs_each_component_in_turn_with_identical_output(tiny_sd, monk
 
 @torch.no_grad()
 def test_lower_precision_unet_keeps_float32_sampler_state_and_vae(tiny_sd):
-    ref = tiny_sd().place(choose_placement("cpu")).txt2img(PROMPTS, height=8, width=8, steps=3, generator=torch.Generator().manual_seed(0))
+    ref = tiny_sd().place(choose_placement("cpu")).txt2img(
+        PROMPTS, height=8, width=8, steps=3, generator=torch.Generator().manual_seed(0)
+    )
     sd = tiny_sd().place(choose_placement("cpu", dtype="bfloat16"))
     assert next(sd.unet.parameters()).dtype == next(sd.text_encoder.parameters()).dtype == torch.bfloat16
     assert next(sd.vae.parameters()).dtype == torch.float32

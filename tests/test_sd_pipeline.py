@@ -22,7 +22,8 @@ def pair(sd_ref, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sdpipe")
     converted = sd_reference.convert_reference(ref, tmp)
     tokenizer = CLIPTokenizer.default()
-    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(str(sd_reference.write_tokenizer_folder(tokenizer, tmp)), model_max_length=77)
+    tokenizer_folder = sd_reference.write_tokenizer_folder(tokenizer, tmp)
+    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_folder), model_max_length=77)
     ours = StableDiffusion(converted.unet.eval(), converted.vae.eval(), converted.text_encoder.eval(), tokenizer)
     return ours, ref, hf_tokenizer
 
@@ -72,7 +73,8 @@ def test_txt2img_matches_diffusers(pair, spacing, num_steps):
     expected = pipe.image_processor.postprocess(decoded, output_type="pt")  # the pipeline's own last step
 
     steps = []
-    got = ours.txt2img(PROMPTS, height=16, width=16, steps=num_steps, guidance=7.5, spacing=spacing, generator=torch.Generator().manual_seed(0), callback=steps.append)
+    got = ours.txt2img(PROMPTS, height=16, width=16, steps=num_steps, guidance=7.5, spacing=spacing,
+                       generator=torch.Generator().manual_seed(0), callback=steps.append)
     assert [s.t for s in steps] == sd_timesteps(num_steps, spacing=spacing) and steps[-1].t_prev == 1
     assert got.shape == expected.shape == (2, 3, 16, 16)
     assert (steps[-1].x - expected_latents).abs().max() < TOL

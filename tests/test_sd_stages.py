@@ -33,7 +33,8 @@ def store(tmp_path_factory):
         mlflow.end_run()
     mp.undo()
 
-TINY_SD = {"data.mask_sets": ["centre_aligned"], "leakage.num_images": 2, "sd.architecture": "tiny", "sd.steps": 2, "sd.height": 16, "sd.width": 16, "sd.num_test_images": 2,
+TINY_SD = {"data.mask_sets": ["centre_aligned"], "leakage.num_images": 2, "sd.architecture": "tiny", "sd.steps": 2,
+           "sd.height": 16, "sd.width": 16, "sd.num_test_images": 2,
            "sd.prompts": ["a photo of a cat", "a red door"], "sd.batch_size": 2, "sd.device": "cpu"}  # fmt: skip
 
 
@@ -54,7 +55,8 @@ def write(tmp_path, overrides: dict):
 
 
 def run_both(tmp_path, data, params):
-    convert_sd.main(["--params", str(params), "--out", str(tmp_path / "models/sd"), "--reports", str(tmp_path / "reports/convert_sd")])
+    convert_sd.main(["--params", str(params), "--out", str(tmp_path / "models/sd"),
+                     "--reports", str(tmp_path / "reports/convert_sd")])
     sd_baselines.main(["--params", str(params), "--models", str(tmp_path / "models/sd"), "--prepared", str(data / "prepared"),
                        "--masks", str(data / "masks"), "--reports", str(tmp_path / "reports/sd_baselines")])  # fmt: skip
 
@@ -71,7 +73,8 @@ def stage_runs(tmp_path):
 def test_without_weights_both_stages_write_a_status_and_exit_0(tmp_path, data, checkpoint, capsys):
     run_both(tmp_path, data, write(tmp_path, {"sd.checkpoint": checkpoint}))
     status = read(tmp_path / "models/sd/status.json")
-    assert status["status"] == "skipped" and "sd.checkpoint" in status["reason"] and "dvc exp run -S sd.checkpoint=" in status["how_to"]
+    assert status["status"] == "skipped" and "sd.checkpoint" in status["reason"]
+    assert "dvc exp run -S sd.checkpoint=" in status["how_to"]
     assert not (tmp_path / "models/sd/sd.safetensors").exists()
     assert read(tmp_path / "reports/convert_sd/metrics.json")["converted"] is False
     metrics = read(tmp_path / "reports/sd_baselines/metrics.json")

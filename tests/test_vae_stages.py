@@ -106,4 +106,5 @@ def test_latent_channel_mismatch_is_one_line(tmp_path, mlflow_store, capsys):
                             "--out", str(tmp_path / "latents"), "--reports", str(tmp_path / "cl")])
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]  # earlier lines: train_vae's MLflow chatter
-    assert last.startswith("error: ") and last.endswith("has 3 latent channels but latents.channels is 4; run `dvc repro train_vae`")
+    assert last.startswith("error: ")
+    assert last.endswith("has 3 latent channels but latents.channels is 4; run `dvc repro train_vae`")

@@ -94,7 +94,10 @@ def build_template(path: str | Path = DEFAULT_PATH) -> Path:
     """Write the offline template to ``path`` (reused while the vl-convert version is unchanged)."""
     path = Path(path)
     info = versions()
-    stamp = f"vega-lite {info['vega_lite']}, vega-embed {info['vega_embed']}, inlined from vl-convert-python {info['vl_convert']} -->"
+    stamp = (
+        f"vega-lite {info['vega_lite']}, vega-embed {info['vega_embed']}, "
+        f"inlined from vl-convert-python {info['vl_convert']} -->"
+    )
     if path.is_file() and stamp in path.read_text(encoding="utf-8", errors="replace")[:2000]:
         return path
     write_text(path, render_template(_vl_convert().javascript_bundle(vl_version=info["vega_lite"]), info))

@@ -176,7 +176,9 @@ _DIFFUSERS_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_
 _OLD_DIFFUSERS_VAE_ATTN = {"norm": "group_norm", "q": "query", "k": "key", "v": "value", "proj_out": "proj_attn"}
 
 
-def vae_rows(c: VAEConfig, src: str = VAE_PREFIX, diffusers: bool = False, attn_names: Mapping[str, str] | None = None) -> list[Row]:
+def vae_rows(
+    c: VAEConfig, src: str = VAE_PREFIX, diffusers: bool = False, attn_names: Mapping[str, str] | None = None
+) -> list[Row]:
     """The whole VAE. Diffusers names ``down_blocks.i.resnets.j``, ``mid_block.resnets.0``, and
     decoder ``up_blocks`` in REVERSED order (up_blocks.0 is the deepest, our up.{n-1})."""
     chans = [c.base_channels * m for m in c.channel_mult]
@@ -197,7 +199,9 @@ def vae_rows(c: VAEConfig, src: str = VAE_PREFIX, diffusers: bool = False, attn_
         )
 
     def ends(part: str) -> list[Row]:
-        return _module(name(f"{part}.norm_out", f"{part}.conv_norm_out"), f"{part}.norm_out") + _module(src + f"{part}.conv_out", f"{part}.conv_out")
+        return _module(name(f"{part}.norm_out", f"{part}.conv_norm_out"), f"{part}.norm_out") + _module(
+            src + f"{part}.conv_out", f"{part}.conv_out"
+        )
 
     rows = _module(src + "encoder.conv_in", "encoder.conv_in")
     ch = chans[0]
@@ -206,7 +210,8 @@ def vae_rows(c: VAEConfig, src: str = VAE_PREFIX, diffusers: bool = False, attn_
             rows += res(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", ch != out)
             ch = out
         if i < n - 1:
-            rows += _module(name(f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"), f"encoder.down.{i}.downsample.conv")
+            ours = f"encoder.down.{i}.downsample.conv"
+            rows += _module(name(ours, f"encoder.down_blocks.{i}.downsamplers.0.conv"), ours)
     rows += mid("encoder") + ends("encoder")
 
     rows += _module(src + "decoder.conv_in", "decoder.conv_in") + mid("decoder")
@@ -216,7 +221,8 @@ def vae_rows(c: VAEConfig, src: str = VAE_PREFIX, diffusers: bool = False, attn_
             rows += res(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{d}.resnets.{j}", ch != out)
             ch = out
         if i > 0:
-            rows += _module(name(f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{d}.upsamplers.0.conv"), f"decoder.up.{i}.upsample.conv")
+            ours = f"decoder.up.{i}.upsample.conv"
+            rows += _module(name(ours, f"decoder.up_blocks.{d}.upsamplers.0.conv"), ours)
     rows += ends("decoder")
     return rows + _module(src + "quant_conv", "quant_conv") + _module(src + "post_quant_conv", "post_quant_conv")
 
@@ -224,7 +230,8 @@ def vae_rows(c: VAEConfig, src: str = VAE_PREFIX, diffusers: bool = False, attn_
 def clip_rows(c: CLIPTextConfig, src: str) -> list[Row]:
     """CLIPTextModel (Hugging Face names; ``src`` includes ``text_model.`` when the file has it)."""
     rows = _rows(src + "embeddings.", "embeddings.", _same("token_embedding", "position_embedding"), ("weight",))
-    layer = _same("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2", *(f"self_attn.{p}_proj" for p in "qkv"), "self_attn.out_proj")
+    layer = _same("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2",
+                  *(f"self_attn.{p}_proj" for p in "qkv"), "self_attn.out_proj")
     for i in range(c.layers):
         rows += _rows(f"{src}encoder.layers.{i}.", f"encoder.layers.{i}.", layer)
     return rows + _rows(src, "", _same("final_layer_norm"))
@@ -377,9 +384,9 @@ def weights_only_refusal(path: Path, exc: BaseException) -> str | None:
     """If ``exc`` is torch.load(weights_only=True) refusing ``path`` because a full unpickler would
     run code, the reason naming the global (or the object it would call); else None."""
     text = str(exc)
-    for verb, pattern in _REFUSED:
+    for refused_verb, pattern in _REFUSED:
         if m := pattern.search(text):
-            name = m[1].strip()[:120]
+            verb, name = refused_verb, m[1].strip()[:120]
             break
     else:
         if not isinstance(exc, pickle.UnpicklingError) or not (unsafe := unsafe_pickle_globals(path)):
@@ -411,20 +418,29 @@ def check_supported(sd: Mapping[str, Tensor], meta: Mapping[str, str], where: st
     if any(k.startswith("conditioner.embedders") for k in sd):
         raise CheckpointError(f"{where}: an SDXL checkpoint (conditioner.embedders.*); only SD v1.x is supported")
     if any(k.startswith("cond_stage_model.model.") for k in sd):
-        raise CheckpointError(f"{where}: an SD 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*); only SD v1.x is supported")
+        raise CheckpointError(
+            f"{where}: an SD 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*); "
+            "only SD v1.x is supported"
+        )
     to_k = [v for k, v in sd.items() if k.endswith("attn2.to_k.weight")]
     if to_k and to_k[0].shape[1] == 1024:
-        raise CheckpointError(f"{where}: an SD 2.x checkpoint (1024-d cross-attention context); only SD v1.x (768-d) is supported")
+        raise CheckpointError(
+            f"{where}: an SD 2.x checkpoint (1024-d cross-attention context); only SD v1.x (768-d) is supported"
+        )
     proj_in = [v for k, v in sd.items() if k.startswith(UNET_PREFIX) and k.endswith("proj_in.weight")]
     if proj_in and proj_in[0].ndim == 2:
         raise CheckpointError(f"{where}: an SD 2.x checkpoint (linear proj_in); only SD v1.x is supported")
     conv_in = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
-        kind = "an inpainting UNet (9 input channels)" if conv_in.shape[1] == 9 else f"a UNet with {conv_in.shape[1]} input channels"
+        channels = conv_in.shape[1]
+        kind = "an inpainting UNet (9 input channels)" if channels == 9 else f"a UNet with {channels} input channels"
         raise CheckpointError(f"{where}: {kind}; only 4-channel SD v1.x text-to-image UNets are supported")
-    declared = {k: str(v).lower() for k, v in meta.items() if any(s in k.lower() for s in ("parameterization", "prediction_type", "v_pred"))}
+    markers = ("parameterization", "prediction_type", "v_pred")
+    declared = {k: str(v).lower() for k, v in meta.items() if any(s in k.lower() for s in markers)}
     if "v_pred" in sd or any(v in ("v", "v_prediction", "v-prediction", "true") for v in declared.values()):
-        raise CheckpointError(f"{where}: a v-prediction checkpoint ({declared or 'v_pred key'}); only eps-prediction SD v1.x is supported")
+        raise CheckpointError(
+            f"{where}: a v-prediction checkpoint ({declared or 'v_pred key'}); only eps-prediction SD v1.x is supported"
+        )
 
 
 def _check_schedule(sd: Mapping[str, Tensor], where: str) -> None:
@@ -472,7 +488,9 @@ def convert_state_dict(
     meta = meta or {}
     check_supported(sd, meta, where)
     _check_schedule(sd, where)
-    unet_config, vae_config, clip_config = unet_config or SDUNetConfig.full(), vae_config or VAEConfig.full(), clip_config or CLIPTextConfig.full()
+    unet_config = unet_config or SDUNetConfig.full()
+    vae_config = vae_config or VAEConfig.full()
+    clip_config = clip_config or CLIPTextConfig.full()
     out = SDModels()
     used: set[str] = {k for k in sd if k in SCHEDULE_KEYS or k.endswith("embeddings.position_ids")}
     used |= {EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"}
@@ -488,13 +506,18 @@ def convert_state_dict(
             raise CheckpointError(f"{where}: UNet has {width.shape[0]} model channels, the config {unet_config.model_channels}")
         to_k = next((v for k, v in sd.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
         if to_k is not None and to_k.shape[1] != unet_config.context_dim:
-            raise CheckpointError(f"{where}: UNet cross-attends to {to_k.shape[1]}-d text, the config to {unet_config.context_dim}-d")
+            raise CheckpointError(
+                f"{where}: UNet cross-attends to {to_k.shape[1]}-d text, the config to {unet_config.context_dim}-d"
+            )
         rows = unet_rows(unet_config)
         ema_keys = [k for k in sd if k.startswith(EMA_PREFIX)]
         if use_ema and len(ema_keys) > 100:
             absent = [_ema_key(src) for src, _, _ in rows if _ema_key(src) not in sd]
             if absent:
-                raise CheckpointError(f"{where}: EMA weights incomplete ({len(absent)} missing, e.g. {absent[0]}); convert with use_ema=False")
+                raise CheckpointError(
+                    f"{where}: EMA weights incomplete ({len(absent)} missing, e.g. {absent[0]}); "
+                    "convert with use_ema=False"
+                )
             source = {src: sd[_ema_key(src)] for src, _, _ in rows}  # each UNet weight from its EMA twin
             used |= {src for src, _, _ in rows} | {_ema_key(src) for src, _, _ in rows}
             out.used_ema = True
@@ -546,7 +569,9 @@ def convert_diffusers_folder(
 ) -> SDModels:
     """A diffusers folder (``unet/``, ``vae/``, ``text_encoder/`` with safetensors) -> :class:`SDModels`."""
     folder = Path(folder)
-    unet_config, vae_config, clip_config = unet_config or SDUNetConfig.full(), vae_config or VAEConfig.full(), clip_config or CLIPTextConfig.full()
+    unet_config = unet_config or SDUNetConfig.full()
+    vae_config = vae_config or VAEConfig.full()
+    clip_config = clip_config or CLIPTextConfig.full()
     scheduler = folder / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         pred = json.loads(scheduler.read_text()).get("prediction_type", "epsilon")
@@ -555,13 +580,26 @@ def convert_diffusers_folder(
     out = SDModels()
     for name, model, rows_fn in (
         ("unet", SDUNet(unet_config), lambda sd: unet_rows(unet_config, "", diffusers=True)),
-        ("vae", AutoencoderKL(vae_config), lambda sd: vae_rows(vae_config, "", True, _OLD_DIFFUSERS_VAE_ATTN if any(".query." in k for k in sd) else None)),
-        ("text_encoder", CLIPTextEncoder(clip_config), lambda sd: clip_rows(clip_config, "text_model." if any(k.startswith("text_model.") for k in sd) else "")),
+        (
+            "vae",
+            AutoencoderKL(vae_config),
+            lambda sd: vae_rows(
+                vae_config, "", True, _OLD_DIFFUSERS_VAE_ATTN if any(".query." in k for k in sd) else None
+            ),
+        ),
+        (
+            "text_encoder",
+            CLIPTextEncoder(clip_config),
+            lambda sd: clip_rows(clip_config, "text_model." if any(k.startswith("text_model.") for k in sd) else ""),
+        ),
     ):
         sd, path = _read_component(folder, name)
         check_supported(sd, {}, str(path))
         if name == "unet" and "conv_in.weight" in sd and sd["conv_in.weight"].shape[1] != 4:
-            raise CheckpointError(f"{path}: a UNet with {sd['conv_in.weight'].shape[1]} input channels; only 4-channel SD v1.x UNets are supported")
+            raise CheckpointError(
+                f"{path}: a UNet with {sd['conv_in.weight'].shape[1]} input channels; "
+                "only 4-channel SD v1.x UNets are supported"
+            )
         used = apply_rows(rows_fn(sd), sd, model, str(path))
         unexpected = sorted(set(sd) - used - {k for k in sd if k.endswith("position_ids")})
         if unexpected:

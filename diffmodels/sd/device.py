@@ -67,7 +67,9 @@ def resolve_dtype(name: DtypeName, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     if name == "float16" and device.type == "cpu":
-        raise DiffmodelsError("float16 needs a GPU (CPU float16 convolutions are slow or missing); use float32 or bfloat16 on the CPU")
+        raise DiffmodelsError(
+            "float16 needs a GPU (CPU float16 convolutions are slow or missing); use float32 or bfloat16 on the CPU"
+        )
     return DTYPES[name]
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from diffmodels.core.errors import CheckpointError
+
 # Unicode White_Space: \s of `tokenizers` and of the `regex` package. The stdlib's \s also takes
 # the separators \x1c-\x1f, which CLIPTokenizer keeps (and tokenizes like punctuation).
 WHITESPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -45,8 +47,6 @@ try:  # the `regex` package knows \p{L} / \p{N}; diffusers depends on it
     _PATTERN = regex.compile(PATTERN, regex.IGNORECASE)
 except ImportError:
     _PATTERN = re.compile(STDLIB_PATTERN, re.IGNORECASE)
-
-from diffmodels.core.errors import CheckpointError
 
 VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"

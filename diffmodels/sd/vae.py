@@ -158,7 +158,8 @@ class Decoder(nn.Module):
         levels = []
         for level in reversed(range(len(chans))):
             out = chans[level]
-            levels.insert(0, Level([ch] + [out] * (c.num_res_blocks + 1), c.norm_groups, Upsample if level > 0 else None, "upsample"))
+            upsample = Upsample if level > 0 else None
+            levels.insert(0, Level([ch] + [out] * (c.num_res_blocks + 1), c.norm_groups, upsample, "upsample"))
             ch = out
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(c.norm_groups, ch)

@@ -37,7 +37,11 @@ ARCHITECTURES = {
     "v1-5": dict(unet_config=SDUNetConfig.full(), vae_config=VAEConfig.full(), clip_config=CLIPTextConfig.full()),
     "tiny": dict(unet_config=SDUNetConfig.tiny(), vae_config=VAEConfig.tiny(), clip_config=CLIPTextConfig.tiny()),
 }
-COMPONENTS = {"unet": (SDUNet, SDUNetConfig), "vae": (AutoencoderKL, VAEConfig), "text_encoder": (CLIPTextEncoder, CLIPTextConfig)}
+COMPONENTS = {
+    "unet": (SDUNet, SDUNetConfig),
+    "vae": (AutoencoderKL, VAEConfig),
+    "text_encoder": (CLIPTextEncoder, CLIPTextConfig),
+}
 HOW_TO = (
     "set sd.checkpoint to a local Stable Diffusion v1.x checkpoint, e.g. "
     "`dvc exp run -S sd.checkpoint=/models/v1-5-pruned-emaonly.safetensors`: an original single file "
@@ -88,7 +92,8 @@ def verify(models: SDModels) -> dict[str, Any]:
                   finite_vae=bool(torch.isfinite(image).all()))  # fmt: skip
     bad = [k for k in ("finite_text_encoder", "finite_unet", "finite_vae") if not report[k]]
     if bad:
-        raise CheckpointError(f"converted weights give non-finite outputs ({', '.join(b[len('finite_'):] for b in bad)}); is the file damaged?")
+        parts = ", ".join(b[len("finite_") :] for b in bad)
+        raise CheckpointError(f"converted weights give non-finite outputs ({parts}); is the file damaged?")
     return report
 
 

@@ -42,7 +42,10 @@ def check_finite(losses: dict[str, torch.Tensor], step: int, checkpoint: Path | 
     """Stop with :class:`TrainingError` on a NaN/inf loss; the last good checkpoint stays."""
     bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
     if bad:
-        kept = f"the last good checkpoint is kept at {checkpoint}" if checkpoint and checkpoint.exists() else "no checkpoint was written yet"
+        if checkpoint and checkpoint.exists():
+            kept = f"the last good checkpoint is kept at {checkpoint}"
+        else:
+            kept = "no checkpoint was written yet"
         raise TrainingError(
             f"non-finite {', '.join(bad)} at step {step}; {kept}. Lower the learning rate or disable amp"
         )
