@@ -151,7 +151,8 @@ def project(tmp_path_factory):
         mp.chdir(root)
         out = io.StringIO()
         with __import__("contextlib").redirect_stdout(out):
-            report_stage.main(["--html", "reports/index.html", "--metrics", "reports/metrics.json", "--fid", "reports/fid.tsv"])
+            report_stage.main(["--html", "reports/index.html", "--metrics", "reports/metrics.json", "--fid", "reports/fid.tsv",
+                              "--dvc-yaml", "dvc.yaml"])
         workspace, exps, skipped = compare.parse_exp_show(exp_show_rows(base, base, {"k7": k7}))
         stages = report.read_pipeline(root / "dvc.yaml")
         files = compare.Files(root, stages, workspace, uri, report.stage_runs("diffmodels", uri))
@@ -354,3 +355,27 @@ def test_compare_falls_back_to_mlflow_when_workspace_files_are_gone(project, tmp
     assert "train_vae" in main.local  # its metrics equal the workspace's ...
     recon = next(p for p in stages["train_vae"].plots if p.is_image)
     assert files.listing(main, stages["train_vae"], recon) == {"reconstructions.png": png(60)}  # ... files from MLflow
+
+
+def test_pages_escape_what_they_show_and_ship_their_templates():
+    """Names and values reach the page as text, never as markup; the templates are package data."""
+    from importlib import resources
+
+    from diffmodels.reporting import htmlpage as hp
+
+    names = {p.name for p in resources.files("diffmodels.reporting").joinpath("templates").iterdir()}
+    assert {"page.html.j2", "components.html.j2", "report.html.j2", "compare.html.j2", "page.css"} <= names
+    page = report.metric_tables({"<b>x": 1.5, "g": {"a&b": "<i>", "c": None}})  # '/' would nest the key
+    assert "&lt;b&gt;x" in page and "<b>" not in page and "a&amp;b" in page and "&lt;i&gt;" in page
+    assert '<span class="muted">-</span>' in page  # None
+    cell = hp.table(["h"], [[hp.Markup("<em>kept</em>")], ["<em>escaped</em>"]])
+    assert "<em>kept</em>" in cell and "&lt;em&gt;escaped&lt;/em&gt;" in cell
+
+
+def test_markdown_tables_in_benchmark_text():
+    text = "speed\n\n| method | s/img |\n|---|--:|\n| a \\| b | 0.5 |\n| <c> | 1 |\n\ndone\n"
+    assert report.markdown_tables(text) == [("pre", "speed"), ("table", ["method", "s/img"], [["a | b", "0.5"],
+                                                                                              ["<c>", "1"]]),
+                                            ("pre", "done")]
+    page = report.text_with_tables(text)
+    assert "<pre>speed</pre>" in page and "<td class=\"l\">a | b</td>" in page and "&lt;c&gt;" in page

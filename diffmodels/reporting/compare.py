@@ -258,27 +258,26 @@ def stage_metrics(exp: Experiment, stage: report.Stage) -> dict[str, Any]:
 
 def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files: Files,
                    skipped: Sequence[tuple[str, str]] = (), tracking_uri: str = "") -> str:
+    """The comparison page (``templates/compare.html.j2``) of ``exps``, files found by ``files``."""
     stages = [s for s in stages if s.name != "report"]
     for i, e in enumerate(exps):
         e.color = hp.PALETTE[i % len(hp.PALETTE)]
         files.attach(e)
-    names = [e.name for e in exps]
-    head = [hp.Raw(f"{hp.chip(e.color)}{hp.esc(e.name)}") for e in exps]
-    sections, nav = [], []
+    head = [hp.chip(e.color) + e.name for e in exps]  # Markup + str: the name is escaped
+    nav = []
 
     # 1. params that differ + headline metrics
     keys = sorted({k for e in exps for k in e.params})
     diff_params = [k for k in keys if differing([e.params.get(k) for e in exps])]
     per_stage = {s.name: [stage_metrics(e, s) for e in exps] for s in stages}
     heads = []
-    for pattern, label in report.HEADLINES:
+    for pattern, _ in report.HEADLINES:
         for s in stages:
             hits = sorted({k for m in per_stage[s.name] for k, v in m.items()
                            if fnmatch.fnmatchcase(k, pattern) and report.is_number(v)})
             if hits:
                 heads += [(s.name, k) for k in hits if (s.name, k) not in heads]
                 break
-    header = ["experiment", *diff_params, *(k for _, k in heads)]
     rows, best = [], set()
     for i, e in enumerate(exps):
         rows.append([head[i], *(e.params.get(k) for k in diff_params),
@@ -286,19 +285,13 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
     for j, (s, k) in enumerate(heads):
         for i in best_index([per_stage[s][r].get(k) for r in range(len(exps))], direction(k)):
             best.add((i, 1 + len(diff_params) + j))
-    kinds = ", ".join(f"{e.name} ({e.kind}{', ' + e.rev[:7] if e.rev and e.kind != 'workspace' else ''})" for e in exps)
-    intro = (f"<p>{len(exps)} runs: {hp.esc(kinds)}. Marked cells are the best of their column "
-             "(lower FID/KID/loss/leakage/time, higher PSNR/SSIM/throughput).</p>")
-    if not diff_params:
-        intro += '<p class="muted">No params differ between these experiments.</p>'
-    if skipped:
-        intro += "<p class=\"muted\">Left out: " + hp.esc(", ".join(f"{n} ({why})" for n, why in skipped)) + "</p>"
-    sections.append(f'<section id="summary"><h2>Params that differ and headline metrics</h2>{intro}'
-                    f"{hp.table(header, rows, best=best)}</section>")
+    summary = {"header": ["experiment", *diff_params, *(k for _, k in heads)], "rows": rows, "best": best}
+    kinds = ", ".join(f"{e.name} ({e.kind}{', ' + e.rev[:7] if e.rev and e.kind != 'workspace' else ''})"
+                      for e in exps)
     nav.append(("summary", "summary"))
 
     # 2. every numeric metric that differs
-    blocks = []
+    metric_blocks = []
     for s in stages:
         ms = per_stage[s.name]
         mkeys = [k for k in dict.fromkeys(k for m in ms for k in m)
@@ -310,10 +303,8 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
             values = [m.get(k) for m in ms]
             rows.append([k, *values])
             best |= {(r, 1 + i) for i in best_index(values, direction(k))}
-        blocks.append(f"<h3>{hp.esc(s.name)}</h3>" + hp.table(["metric", *head], rows, best=best))
-    if blocks:
-        sections.append('<section id="metrics"><h2>All metrics that differ</h2><details open><summary>'
-                        f'{sum(b.count("<tr>") for b in blocks)} rows</summary>{"".join(blocks)}</details></section>')
+        metric_blocks.append({"stage": s.name, "header": ["metric", *head], "rows": rows, "best": best})
+    if metric_blocks:
         nav.append(("metrics", "metrics"))
 
     # 3. curves overlaid
@@ -335,20 +326,19 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
                          for e in exps if column in per_exp[e.name]]
                 if not lines:
                     continue
-                if len(lines) == len(exps) > 1 and all((list(l.x), list(l.y)) == (list(lines[0].x), list(lines[0].y))
-                                                       for l in lines):
+                if len(lines) == len(exps) > 1 and all(
+                        (list(line.x), list(line.y)) == (list(lines[0].x), list(lines[0].y)) for line in lines):
                     lines = [hp.Series(f"all {len(exps)} (identical)", lines[0].x, lines[0].y, color="#475569")]
                 x_name = next(per_exp[e.name][column][0] for e in exps if column in per_exp[e.name])
                 title = report.plot_title(plot) + ("" if len(columns) == 1 else f" - {column}")
                 charts.append(hp.figure(hp.line_chart(lines, title, x_name, column), f"{s.name}: {title}"))
     if charts:
-        sections.append(f'<section id="curves"><h2>Curves</h2>{"".join(charts)}</section>')
         nav.append(("curves", "curves"))
 
     # 4. images side by side
-    blocks = []
+    image_blocks = []
     for s in stages:
-        rows_html = []
+        image_rows = []
         for plot in s.plots:
             if not plot.is_image:
                 continue
@@ -359,27 +349,22 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
                 mime = hp.IMAGE_TYPES[os.path.splitext(rel)[1].lower()]
                 digests = {hashlib.sha256(c).hexdigest() for c in cells if c is not None}
                 if len(digests) == 1 and all(c is not None for c in cells) and len(exps) > 1:
-                    rows_html.append(f"<h3>{hp.esc(rel)} <span class=\"badge\">the same in all</span></h3>"
-                                     + hp.scaled_img(cells[0], rel, mime))
+                    image_rows.append({"rel": rel, "same": hp.scaled_img(cells[0], rel, mime)})
                     continue
-                grid = "".join(
-                    f'<div class="cell">{hp.scaled_img(c, f"{e.name}: {rel}", mime, 160) if c is not None else "<span class=muted>not available</span>"}'
-                    f"<div>{hp.chip(e.color)}{hp.esc(e.name)}</div></div>" for e, c in zip(exps, cells))
-                rows_html.append(f"<h3>{hp.esc(rel)}</h3><div class=\"grid\" style=\"grid-template-columns: "
-                                 f"repeat({len(exps)}, minmax(0, 1fr))\">{grid}</div>")
-        if rows_html:
-            blocks.append(f"<h2 id=\"img-{hp.esc(s.name)}\">{hp.esc(s.name)}</h2>" + "".join(rows_html))
-    if blocks:
-        sections.append(f'<section id="images"><h2>Images side by side</h2>{"".join(blocks)}</section>')
+                image_rows.append({"rel": rel, "same": None, "cells": [
+                    (hp.scaled_img(c, f"{e.name}: {rel}", mime, 160) if c is not None else None, e)
+                    for e, c in zip(exps, cells)]})
+        if image_rows:
+            image_blocks.append({"stage": s.name, "rows": image_rows})
+    if image_blocks:
         nav.append(("images", "images"))
 
     # 5. where each column came from
-    rows = []
-    for s in stages:
-        rows.append([s.name, *(hp.Raw(("workspace files; " if s.name in e.local else "")
-                                      + report.run_link(e.runs.get(s.name), tracking_uri)) for e in exps)])
-    sections.append(f'<section id="runs"><h2>MLflow runs</h2>{hp.table(["stage", *head], rows)}</section>')
+    runs_rows = [[s.name, *((("workspace files; " if s.name in e.local else "")
+                             + report.run_link(e.runs.get(s.name), tracking_uri)) for e in exps)] for s in stages]
     nav.append(("runs", "runs"))
-    subtitle = hp.esc(" vs ".join(names))
-    return hp.page("diffmodels: experiment comparison", subtitle, "\n".join(sections), nav)
-
+    return hp.render(
+        "compare.html.j2", title="diffmodels: experiment comparison", nav=nav, names=[e.name for e in exps],
+        runs=exps, kinds=kinds, diff_params=diff_params, skipped=list(skipped), summary=summary,
+        metric_blocks=metric_blocks, metric_rows=sum(len(b["rows"]) + 1 for b in metric_blocks),
+        charts=charts, image_blocks=image_blocks, runs_table={"header": ["stage", *head], "rows": runs_rows})
