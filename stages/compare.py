@@ -30,11 +30,11 @@ def run(args) -> None:
     params = load_params(args.params)
     root = Path.cwd()
     uri = tracking.tracking_uri(tracking.project_root())
-    workspace, exps, skipped = compare.parse_exp_show(compare.dvc_exp_show(root))
+    stages = report.read_pipeline(root / args.dvc_yaml)
+    workspace, exps, skipped = compare.dvc_experiments(root, stages)
     exps = compare.select(exps, args.experiments)
     if not exps:
         raise DiffmodelsError("no finished experiments to compare: run `dvc repro` and `dvc exp run` first")
-    stages = report.read_pipeline(root / args.dvc_yaml)
     try:
         by_stage = report.stage_runs(params.tracking.experiment, uri)
     except DiffmodelsError as exc:

@@ -1,7 +1,11 @@
 """Ablations side by side: DVC experiments -> one HTML page (``python -m stages.compare``).
 
 Sources
-    ``dvc exp show --json`` gives each experiment's params and metrics (per metrics file). Files
+    ``dvc.api.exp_show`` lists the baseline and its experiments with their state; each one's
+    params come from ``dvc.api.params_show(rev=)`` and its metrics files (those of ``dvc.yaml``),
+    as written, through ``dvc.api.DVCFileSystem(rev=)``. (``exp_show``'s own table cannot serve
+    for the values: it flattens every metrics file into one row, names a key by its file only
+    when two files share it, and turns numbers into formatted strings and back.) Files
     (loss curves, leakage profiles, sample grids) come from the workspace for the stages whose
     metrics there equal the experiment's (the experiment *is* the workspace for that stage), and
     otherwise from the MLflow run that produced them: the stage's finished run whose logged metrics
@@ -23,9 +27,8 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,64 +52,93 @@ class Experiment:
     local: set[str] = field(default_factory=set)  # stages whose files in the workspace are this experiment's
 
 
-def _flat_params(data: Mapping) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for file, content in (data.get("params") or {}).items():
-        body = (content or {}).get("data") or {}
-        for key, value in report.flatten_metrics(body).items():
-            out[key.replace("/", ".")] = value
-    return out
+RevData = Callable[[str | None], tuple[dict[str, Any], dict[str, dict]]]
 
 
-def _metrics(data: Mapping) -> dict[str, dict]:
-    return {path: content["data"] for path, content in (data.get("metrics") or {}).items()
-            if isinstance(content, Mapping) and isinstance(content.get("data"), Mapping)}
+def parse_exp_show(rows: Sequence[Mapping], read: RevData
+                   ) -> tuple[Experiment | None, list[Experiment], list[tuple[str, str]]]:
+    """(workspace, [baseline, its experiments...], skipped (name, why)) from ``dvc.api.exp_show`` rows.
 
-
-def parse_exp_show(rows: Sequence[Mapping]) -> tuple[Experiment | None, list[Experiment], list[tuple[str, str]]]:
-    """(workspace, [baseline, its experiments...], skipped (name, why)) from ``dvc exp show --json``.
-
-    The baseline is the first commit row (``HEAD``); experiments that are queued, running, failed
-    or have no metrics are skipped with the reason.
+    ``read(rev)`` gives a rev's (flat params, {metrics file: content}); ``rev=None`` the
+    workspace. The baseline is the first commit row (``HEAD``); experiments that are queued,
+    running, failed, unreadable or have no metrics are skipped with the reason.
     """
     workspace, chosen, skipped = None, [], []
     for row in rows:
-        data = row.get("data") or {}
-        if row.get("rev") == "workspace":
-            workspace = Experiment("workspace", "workspace", _flat_params(data), _metrics(data), kind="workspace")
+        rev, typ = str(row.get("rev") or ""), row.get("typ")
+        if rev == "workspace":
+            params, metrics = read(None)
+            workspace = Experiment("workspace", "workspace", params, metrics, kind="workspace")
             continue
-        if chosen:  # only the current baseline's experiments (dvc exp show lists HEAD first)
-            break
-        name = row.get("name") or str(row.get("rev", ""))[:7]
-        chosen.append(Experiment(name, row.get("rev", ""), _flat_params(data), _metrics(data), kind="baseline"))
-        for exp in row.get("experiments") or []:
-            revs = exp.get("revs") or []
-            rev = revs[0] if revs else {}
-            exp_name = exp.get("name") or rev.get("name") or str(rev.get("rev", ""))[:7]
-            state = ((exp.get("executor") or {}).get("state") or "").lower()
-            edata = rev.get("data") or {}
-            if state in NOT_FINISHED:
-                skipped.append((exp_name, state))
-            elif rev.get("error"):
-                skipped.append((exp_name, f"error: {rev['error'].get('msg', rev['error']) if isinstance(rev['error'], Mapping) else rev['error']}"))
-            elif not _metrics(edata):
-                skipped.append((exp_name, "no metrics"))
-            else:
-                chosen.append(Experiment(exp_name, rev.get("rev", ""), _flat_params(edata), _metrics(edata)))
+        if typ == "baseline":
+            if chosen:  # only the current baseline's experiments (exp_show lists HEAD first)
+                break
+            params, metrics = read(rev)
+            chosen.append(Experiment(rev, rev, params, metrics, kind="baseline"))
+            continue
+        if not chosen:
+            continue
+        name = row.get("Experiment") or rev
+        state = str(row.get("State") or "").lower()
+        if state in NOT_FINISHED:
+            skipped.append((name, state))
+            continue
+        try:
+            params, metrics = read(rev)
+        except (OSError, ValueError, DiffmodelsError) as exc:  # ValueError: a metrics file that is not JSON
+            skipped.append((name, f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"))
+            continue
+        if not metrics:
+            skipped.append((name, "no metrics"))
+        else:
+            chosen.append(Experiment(name, rev, params, metrics))
     return workspace, chosen, skipped
 
 
-def dvc_exp_show(root: Path) -> list[dict]:
-    """``dvc exp show --json`` in ``root`` (the current baseline and its experiments)."""
-    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
-    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DiffmodelsError(f"`dvc exp show --json` failed in {root}: {last}")
+def rev_reader(root: Path, metrics_files: Sequence[str]) -> RevData:
+    """``read(rev)`` for :func:`parse_exp_show`: params (dotted names) and the metrics files of a
+    rev (a commit, branch or experiment), through ``dvc.api``; ``None`` is the workspace."""
+    import dvc.api
+
+    def read(rev: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
+        params = {k.replace("/", "."): v for k, v in report.flatten_metrics(
+            dvc.api.params_show(repo=str(root), rev=rev)).items()}
+        fs = dvc.api.DVCFileSystem(str(root), rev=rev) if rev is not None else None
+        metrics = {}
+        for path in metrics_files:
+            try:
+                text = fs.read_text(path) if fs is not None else (root / path).read_text()
+            except FileNotFoundError:  # the stage has not run in that rev
+                continue
+            content = json.loads(text)
+            if isinstance(content, Mapping):
+                metrics[path] = content
+        return params, metrics
+
+    return read
+
+
+def dvc_experiments(root: Path, stages: Sequence[report.Stage]
+                    ) -> tuple[Experiment | None, list[Experiment], list[tuple[str, str]]]:
+    """The workspace, the current baseline and its experiments in the DVC project at ``root``."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    files = list(dict.fromkeys(m for s in stages for m in s.metrics))
     try:
-        return json.loads(result.stdout)
-    except json.JSONDecodeError:
-        raise DiffmodelsError(f"`dvc exp show --json` in {root} did not print JSON") from None
+        rows = dvc.api.exp_show(repo=str(root))
+        workspace, exps, skipped = parse_exp_show(rows, rev_reader(root, files))
+    except (DvcException, ValueError) as exc:  # ValueError: a metrics file that is not JSON
+        raise DiffmodelsError(f"cannot read the DVC experiments in {root}: {exc}") from None
+    for exp in exps:  # full commit ids (exp_show gives 7 characters, or the branch name)
+        exp.rev = _full_rev(root, exp.rev)
+    return workspace, exps, skipped
+
+
+def _full_rev(root: Path, rev: str) -> str:
+    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=root,
+                         capture_output=True, text=True)
+    return out.stdout.strip() or rev
 
 
 def select(experiments: list[Experiment], names: Sequence[str]) -> list[Experiment]:
