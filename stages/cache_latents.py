@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import mlflow
 import torch
 from tqdm import tqdm
 
@@ -28,10 +27,10 @@ from stages._cli import base_parser, stage_main
 GROUPS = ("latents",)
 
 parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-parser.add_argument("--vae", type=Path, default=Path("data/models/vae.safetensors"))
-parser.add_argument("--out", type=Path, default=Path("data/latents"))
-parser.add_argument("--reports", type=Path, default=Path("reports/cache_latents"))
+parser.add_argument("--prepared", type=Path, required=True)
+parser.add_argument("--vae", type=Path, required=True)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--reports", type=Path, required=True)
 parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
 
 
@@ -92,12 +91,9 @@ def run(args) -> None:
             "seconds": round(time.perf_counter() - started, 1),
         }
         write_json(args.reports / "metrics.json", metrics)
-        flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        for group in ("channel_mean", "channel_std"):
-            flat.update({f"{group}.{k}": v for k, v in metrics[group].items()})
-        mlflow.log_metrics(flat)
-        mlflow.log_artifact(str(args.reports / "metrics.json"))
-        mlflow.log_artifact(str(args.out / "manifest.json"))
+        tracking.log_metrics(metrics)
+        tracking.log_artifact(args.reports / "metrics.json")
+        tracking.log_artifact(args.out / "manifest.json")
 
     print(
         f"cache_latents: {', '.join(f'{len(m[0])} {s}' for s, m in moments.items())} latents "

@@ -1,10 +1,10 @@
 """Compare DVC experiments side by side -> reports/compare.html (not a DVC stage: run it by hand).
 
-    python -m stages.compare                       # the current baseline and all its experiments
-    python -m stages.compare mixer-attention nomixer --out /tmp/ablation.html
+    python -m stages.compare --out reports/compare.html --dvc-yaml dvc.yaml   # the baseline, all its experiments
+    python -m stages.compare mixer-attention nomixer --out /tmp/ablation.html --dvc-yaml dvc.yaml
 
 Experiments are named as in ``dvc exp show`` (or by a rev prefix; the baseline by its branch
-name). Params and metrics come from ``dvc exp show --json``; curves and images from the workspace
+name). Params and metrics come from DVC (``dvc.api``); curves and images from the workspace
 for stages it holds for that experiment, otherwise from the experiment's MLflow runs. What the
 page shows: :mod:`diffmodels.reporting.compare`.
 """
@@ -22,19 +22,19 @@ from stages._cli import base_parser, stage_main
 
 parser = base_parser(__doc__.splitlines()[0])
 parser.add_argument("experiments", nargs="*", metavar="EXP", help="experiments to compare (default: all)")
-parser.add_argument("--out", type=Path, default=Path("reports/compare.html"))
-parser.add_argument("--dvc-yaml", default="dvc.yaml")
+parser.add_argument("--out", type=Path, required=True, help="the page to write (reports/compare.html)")
+parser.add_argument("--dvc-yaml", type=Path, required=True, help="the pipeline whose stages are compared (dvc.yaml)")
 
 
 def run(args) -> None:
     params = load_params(args.params)
     root = Path.cwd()
     uri = tracking.tracking_uri(tracking.project_root())
-    workspace, exps, skipped = compare.parse_exp_show(compare.dvc_exp_show(root))
+    stages = report.read_pipeline(root / args.dvc_yaml)
+    workspace, exps, skipped = compare.dvc_experiments(root, stages)
     exps = compare.select(exps, args.experiments)
     if not exps:
         raise DiffmodelsError("no finished experiments to compare: run `dvc repro` and `dvc exp run` first")
-    stages = report.read_pipeline(root / args.dvc_yaml)
     try:
         by_stage = report.stage_runs(params.tracking.experiment, uri)
     except DiffmodelsError as exc:

@@ -2,7 +2,7 @@
 
     python -m stages.convert_sd --out data/models/sd --reports reports/convert_sd
 
-Reads ``sd.checkpoint`` (an original single file or a diffusers folder; SPEC 4.7, 7), converts it
+Reads ``sd.checkpoint`` (an original single file or a diffusers folder), converts it
 strictly (diffmodels/sd/convert.py), checks parameter counts and one finite forward of each
 network, and writes ``<out>/sd.safetensors`` (our module names, configs embedded) with
 ``<out>/status.json``. With no checkpoint configured, or one that does not exist, it writes only
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-
-import mlflow
 
 from diffmodels.core import tracking
 from diffmodels.core.config import load_params
@@ -33,8 +31,8 @@ GROUPS = ("sd",)
 WEIGHTS = "sd.safetensors"
 
 parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--out", type=Path, default=Path("data/models/sd"), help="folder for sd.safetensors and status.json")
-parser.add_argument("--reports", type=Path, default=Path("reports/convert_sd"))
+parser.add_argument("--out", type=Path, required=True, help="folder for sd.safetensors and status.json")
+parser.add_argument("--reports", type=Path, required=True)
 
 
 def run(args) -> None:
@@ -48,8 +46,8 @@ def run(args) -> None:
             status = {"status": "skipped", "reason": reason, "how_to": HOW_TO}
             write_json(args.out / "status.json", status)
             write_json(args.reports / "metrics.json", {"converted": False, **status})
-            mlflow.set_tag("sd_status", "skipped")
-            mlflow.log_artifact(str(args.out / "status.json"))
+            tracking.set_tags({"sd_status": "skipped"})
+            tracking.log_artifact(args.out / "status.json")
             print(f"convert_sd: skipped, {reason}. To run the SD baselines, {HOW_TO}")
             return
         started = time.perf_counter()
@@ -63,9 +61,9 @@ def run(args) -> None:
         metrics = {"converted": True, "used_ema": models.used_ema, **report, "seconds": seconds}
         write_json(args.out / "status.json", status)
         write_json(args.reports / "metrics.json", metrics)
-        mlflow.set_tag("sd_status", "converted")
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(args.reports / "metrics.json"))
+        tracking.set_tags({"sd_status": "converted"})
+        tracking.log_metrics(metrics)
+        tracking.log_artifact(args.reports / "metrics.json")
     total = sum(v for k, v in report.items() if k.startswith("params_"))
     print(f"convert_sd: {p.checkpoint} -> {args.out / WEIGHTS} ({total:,} parameters, "
           f"{'EMA' if models.used_ema else 'raw'} UNet weights, {seconds:.0f}s)")

@@ -1,4 +1,4 @@
-"""Stage eval_leakage: how far the VAE carries a change across a mask boundary (SPEC 6.1, 6.2).
+"""Stage eval_leakage: how far the VAE carries a change across a mask boundary.
 
     python -m stages.eval_leakage --vae data/models/vae.safetensors --latents data/latents \\
         --prepared data/prepared --masks data/masks --reports reports/eval_leakage
@@ -19,11 +19,9 @@ dvc.yaml).
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -42,11 +40,11 @@ from stages._cli import base_parser, stage_main
 GROUPS = ("seed", "leakage", "inpaint", "data")
 
 parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--vae", type=Path, default=Path("data/models/vae.safetensors"))
-parser.add_argument("--latents", type=Path, default=Path("data/latents"), help="cache_latents' output (for the scale factor)")
-parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-parser.add_argument("--masks", type=Path, default=Path("data/masks"))
-parser.add_argument("--reports", type=Path, default=Path("reports/eval_leakage"))
+parser.add_argument("--vae", type=Path, required=True)
+parser.add_argument("--latents", type=Path, required=True, help="cache_latents' output (for the scale factor)")
+parser.add_argument("--prepared", type=Path, required=True)
+parser.add_argument("--masks", type=Path, required=True)
+parser.add_argument("--reports", type=Path, required=True)
 
 
 def run(args) -> None:
@@ -73,10 +71,9 @@ def run(args) -> None:
         write_text(out / "decoder_leakage.tsv", profile_table(result.decoder))
         write_text(out / "encoder_leakage.tsv", profile_table(result.encoder))
         write_json(out / "metrics.json", metrics)
-        mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and math.isfinite(v)})
+        tracking.log_metrics(metrics)
         for path in sorted(out.glob("*.*")):
-            mlflow.log_artifact(str(path))
+            tracking.log_artifact(path)
 
     print("eval_leakage: " + "; ".join(
         f"{a}: leak_mean {metrics[f'{a}/leak_mean']:.4f}, leak_radius_px {metrics[f'{a}/leak_radius_px']}, "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 
 from diffmodels.core import tracking
@@ -26,8 +25,8 @@ from stages._cli import base_parser, stage_main
 GROUPS = ("eval",)
 
 parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-parser.add_argument("--out", type=Path, default=Path("data/fid/test_features.safetensors"))
+parser.add_argument("--prepared", type=Path, required=True)
+parser.add_argument("--out", type=Path, required=True)
 
 
 def run(args) -> None:
@@ -41,8 +40,8 @@ def run(args) -> None:
         feats = inception_features(images, InceptionFeatures(), p.fid_batch_size, device)
         save_checkpoint(args.out, {"features": feats}, {"kind": "fid_features", "extractor": EXTRACTOR,
                                                         "split": "test", "num_images": len(images)})
-        mlflow.log_metrics({"num_images": len(images), "seconds": time.perf_counter() - started})
-        mlflow.set_tag("extractor", EXTRACTOR)
+        tracking.log_metrics({"num_images": len(images), "seconds": time.perf_counter() - started})
+        tracking.set_tags({"extractor": EXTRACTOR})
     print(f"fid_reference: {len(images)} test images -> {tuple(feats.shape)} features ({time.perf_counter() - started:.0f}s)")
 
 

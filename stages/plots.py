@@ -2,12 +2,12 @@
 
     python -m stages.plots show                          # dvc plots show, offline page
     python -m stages.plots diff workspace mixer-attention # dvc plots diff <rev|exp> ...
-    python -m stages.plots template [PATH]               # only write the template (default
-                                                         # .dvc/tmp/vega_offline_template.html)
+    python -m stages.plots template PATH                 # only write the template to PATH
 
 Any further arguments go to DVC unchanged (``-o DIR``, ``--open``, targets). The page is
-``dvc_plots/index.html`` unless ``-o`` says otherwise. The template can also be passed to DVC by
-hand: ``dvc plots diff A B --html-template .dvc/tmp/vega_offline_template.html``.
+``dvc_plots/index.html`` unless ``-o`` says otherwise; ``show`` and ``diff`` keep the template in
+DVC's own temporary folder (``.dvc/tmp/vega_offline_template.html``), where it can also be passed to
+DVC by hand: ``dvc plots diff A B --html-template .dvc/tmp/vega_offline_template.html``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import subprocess
 import sys
 
+from diffmodels.core.errors import DiffmodelsError
 from diffmodels.reporting.vega_offline import DEFAULT_PATH, build_template
 from stages._cli import stage_main
 
@@ -26,7 +27,9 @@ parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to dvc plots 
 
 def run(args) -> None:
     if args.command == "template":
-        path = build_template(args.args[0] if args.args else DEFAULT_PATH)
+        if len(args.args) != 1:
+            raise DiffmodelsError("plots template: give the output path, e.g. `python -m stages.plots template t.html`")
+        path = build_template(args.args[0])
         print(f"plots: offline template {path}; use it with `dvc plots show --html-template {path}`")
         return
     template = build_template(DEFAULT_PATH)

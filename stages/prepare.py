@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from tqdm import tqdm
 
@@ -27,10 +26,10 @@ from stages._cli import base_parser, stage_main
 GROUPS = ("seed", "data")
 
 parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-parser.add_argument("--masks", type=Path, default=Path("data/masks"))
-parser.add_argument("--reports", type=Path, default=Path("reports/prepare"))
-parser.add_argument("--raw", type=Path, default=Path("data/raw/fashion-mnist"), help="download cache")
+parser.add_argument("--prepared", type=Path, required=True)
+parser.add_argument("--masks", type=Path, required=True)
+parser.add_argument("--reports", type=Path, required=True)
+parser.add_argument("--raw", type=Path, required=True, help="download cache")
 
 
 def skipped_csv(rows: list[datasets.Skipped]) -> str:
@@ -89,13 +88,11 @@ def run(args) -> None:
         }
         write_json(args.reports / "metrics.json", metrics)
 
-        flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        flat.update({f"mask_hole_fraction.{k}": v for k, v in metrics["mask_hole_fraction"].items()})
-        mlflow.log_metrics(flat)
+        tracking.log_metrics(metrics)
         for path in (args.reports / "metrics.json", args.reports / "skipped.csv", args.prepared / "manifest.json"):
-            mlflow.log_artifact(str(path))
+            tracking.log_artifact(path)
         if params.tracking.log_images:
-            mlflow.log_artifact(str(args.reports / "preview.png"))
+            tracking.log_artifact(args.reports / "preview.png")
 
     counts = manifest["counts"]
     print(

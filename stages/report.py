@@ -1,6 +1,7 @@
 """Stage report: every stage's metrics and figures -> reports/index.html and reports/metrics.json.
 
-    python -m stages.report --html reports/index.html --metrics reports/metrics.json --fid reports/fid.tsv
+    python -m stages.report --html reports/index.html --metrics reports/metrics.json --fid reports/fid.tsv \\
+        --dvc-yaml dvc.yaml
 
 ``index.html`` is one self-contained page (images embedded; open it from disk): headline numbers,
 FID per sampler, each stage's metric tables, curves and figures as ``dvc.yaml`` declares them,
@@ -14,8 +15,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlflow
-
 from diffmodels.core import tracking
 from diffmodels.core.config import load_params
 from diffmodels.core.io import write_json, write_text
@@ -25,10 +24,10 @@ from stages._cli import base_parser, stage_main
 GROUPS = ("seed", "data", "vae", "latents", "ddpm", "sample", "inpaint", "eval", "sd")
 
 parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--html", type=Path, default=Path("reports/index.html"))
-parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
-parser.add_argument("--fid", type=Path, default=Path("reports/fid.tsv"))
-parser.add_argument("--dvc-yaml", default="dvc.yaml", help="the pipeline whose stages are reported")
+parser.add_argument("--html", type=Path, required=True)
+parser.add_argument("--metrics", type=Path, required=True)
+parser.add_argument("--fid", type=Path, required=True)
+parser.add_argument("--dvc-yaml", type=Path, required=True, help="the pipeline whose stages are reported")
 
 
 def run(args) -> None:
@@ -45,9 +44,9 @@ def run(args) -> None:
         write_text(args.fid, report.fid_tsv(fids))
         write_json(args.metrics, report.report_metrics(inputs))
         write_text(args.html, report.render_index(inputs))
-        mlflow.log_metrics({f"fid.{name.replace(': ', '.')}": fid for name, fid, _ in fids})
+        tracking.log_metrics({name.replace(": ", "."): fid for name, fid, _ in fids}, prefix="fid.")
         for path in (args.html, args.metrics, args.fid):
-            mlflow.log_artifact(str(path))
+            tracking.log_artifact(path)
     linked = sum(ref is not None and ref.matched for ref in inputs.runs.values())
     print(f"report: {args.html} ({args.html.stat().st_size / 1e6:.1f} MB, {len(inputs.runs)} stages, "
           f"{linked} linked to their MLflow runs), {args.metrics}")

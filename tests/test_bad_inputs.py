@@ -75,7 +75,7 @@ def write_yaml(path: Path, overrides: dict) -> Path:
 def test_bad_params_stop_the_stage_before_it_writes(tmp_path, capsys, stage, overrides, message):
     params = write_yaml(tmp_path / "params.yaml", overrides)
     main = {"prepare": prepare.main, "train_vae": train_vae.main, "train_ddpm": train_ddpm.main}[stage]
-    argv = {"prepare": ["--prepared", "p", "--masks", "m", "--reports", "r"],
+    argv = {"prepare": ["--prepared", "p", "--masks", "m", "--reports", "r", "--raw", "w"],
             "train_vae": ["--prepared", "p", "--out", "o/vae.safetensors", "--reports", "r", "--checkpoints", "c"],
             "train_ddpm": ["--latents", "l", "--out", "o/ddpm.safetensors", "--reports", "r", "--checkpoints", "c"]}[stage]
     argv = ["--params", str(params), *(str(tmp_path / a) if i % 2 else a for i, a in enumerate(argv))]
@@ -106,7 +106,7 @@ FOLDER = {"data.dataset": "folder", "data.labels": False, "data.resolution": 16,
 def run_prepare(tmp_path, source: Path, capsys, expect_error: bool = True):
     params = write_yaml(tmp_path / "params.yaml", {**FOLDER, "data.source": str(source)})
     argv = ["--params", str(params), "--prepared", str(tmp_path / "out/prepared"), "--masks", str(tmp_path / "out/masks"),
-            "--reports", str(tmp_path / "out/reports")]
+            "--reports", str(tmp_path / "out/reports"), "--raw", str(tmp_path / "out/raw")]
     if expect_error:
         return one_line_exit_2(prepare.main, argv, capsys)
     prepare.main(argv)

@@ -1,4 +1,4 @@
-"""Faults during a run (SPEC 10, issue 10): SIGKILL, SIGTERM, Ctrl-C, a disk that fills mid-save, and
+"""Faults during a run: SIGKILL, SIGTERM, Ctrl-C, a disk that fills mid-save, and
 several processes writing one MLflow store at once."""
 
 from __future__ import annotations
@@ -308,7 +308,6 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import mlflow
     from diffmodels.core import tracking
     from diffmodels.core.config import load_params
 
@@ -319,8 +318,8 @@ WRITER = textwrap.dedent(
         time.sleep(0.005)
     with tracking.stage_run(name, params, ("seed", "ddpm")):
         for step in range(1, 11):
-            mlflow.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
-        mlflow.set_tag("complete", "yes")
+            tracking.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
+        tracking.set_tags({"complete": "yes"})
     """
 )
 
@@ -380,10 +379,38 @@ def test_locked_database_is_retried_with_backoff_then_one_line():
         tracking.retry_when_locked(other_error, sleep=waits.append)()
 
 
-def test_stage_run_makes_the_store_writes_retry(store):
+def test_stage_writes_retry_while_the_store_is_locked(store, tmp_path, monkeypatch):
+    """Every write a stage makes through tracking (start, params, metrics, tags, artifacts, end)
+    survives "database is locked" on its first attempt, and lands once."""
+    from mlflow.exceptions import MlflowException
+
     from diffmodels.core.config import load_params
 
-    with tracking.stage_run("probe", load_params(ROOT / "params.yaml"), ("seed",)):
-        the_store = mlflow.MlflowClient(store)._tracking_client.store
-        for name in ("log_batch", "create_run", "update_run_info", "set_tag"):
-            assert getattr(getattr(the_store, name), "retries_locked", False), name
+    failed = []
+
+    def locked_once(fn, name):
+        def flaky(*args, **kwargs):
+            if name not in failed:
+                failed.append(name)
+                raise MlflowException("(sqlite3.OperationalError) database is locked")
+            return fn(*args, **kwargs)
+        return flaky
+
+    for name in ("start_run", "log_params", "log_metrics", "set_tags", "log_artifact"):
+        monkeypatch.setattr(mlflow, name, locked_once(getattr(mlflow, name), name))
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated",
+                        locked_once(mlflow.MlflowClient.set_terminated, "set_terminated"))
+    (tmp_path / "note.txt").write_text("x")
+    with tracking.stage_run("locked", load_params(ROOT / "params.yaml"), ("seed",)) as run:
+        tracking.log_metrics({"loss": 0.5}, step=1)
+        tracking.set_tags({"complete": "yes"})
+        tracking.log_artifact(tmp_path / "note.txt")
+    assert sorted(failed) == ["log_artifact", "log_metrics", "log_params", "set_tags", "set_terminated", "start_run"]
+    assert mlflow.active_run() is None
+    stored = mlflow.get_run(run.info.run_id)
+    assert stored.info.status == "FINISHED" and stored.data.tags["complete"] == "yes"
+    assert stored.data.params["seed"] == str(load_params(ROOT / "params.yaml").seed)
+    client = mlflow.MlflowClient()  # the store the run went to (an earlier test may have moved it)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 0.5)]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]
+    assert len(runs_of("locked", mlflow.get_tracking_uri())) == 1, "a retried start creates one run"

@@ -189,7 +189,7 @@ def test_queued_experiment_records_into_the_main_store(project):
 def test_compare_and_pages_in_a_browser(project, tmp_path):
     """After the experiments above: one comparison page with every finished experiment side by side,
     and both pages whole in headless Chromium (images loaded, no console errors)."""
-    out = sh(project, sys.executable, "-m", "stages.compare")
+    out = sh(project, sys.executable, "-m", "stages.compare", "--out", "reports/compare.html", "--dvc-yaml", "dvc.yaml")
     assert "compare: 6 experiments" in out.stdout, out.stdout
     page = (project / "reports/compare.html").read_text()
     for name in ("ddimsteps-3", "batchsize-4", "mixer-attention", "k7", "res32"):

@@ -19,7 +19,7 @@ def run_prepare(tmp_path, params_path, uri):
         env.pop(var, None)
     cmd = [
         sys.executable, "-m", "stages.prepare", "--params", str(params_path),
-        "--prepared", "out/prepared", "--masks", "out/masks", "--reports", "out/reports",
+        "--prepared", "out/prepared", "--masks", "out/masks", "--reports", "out/reports", "--raw", "out/raw",
     ]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 

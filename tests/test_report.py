@@ -111,19 +111,25 @@ def log_runs(root: Path, metrics: dict[str, dict], exp_name: str | None) -> None
                     mlflow.log_artifact(str(f), artifact_path="figures")
 
 
-def exp_show_rows(workspace: dict, baseline: dict, experiments: dict[str, dict], queued: str = "q1") -> list[dict]:
-    """`dvc exp show --json` as DVC 3 prints it (workspace, HEAD with its experiments)."""
-    def data(metrics, x):
-        return {"params": {"params.yaml": {"data": {"vae": {"decoder_kernel": x, "se": True}, "seed": 0}}},
-                "metrics": {k: {"data": v} for k, v in metrics.items()}}
+def exp_show_rows(workspace: dict, baseline: dict, experiments: dict[str, dict], queued: str = "q1"):
+    """``dvc.api.exp_show()`` rows as DVC 3 returns them (workspace, HEAD, its experiments, an older
+    commit) and the matching ``read(rev)`` of params and metrics files (see compare.parse_exp_show)."""
+    def row(rev, typ, name=None, state=None):
+        return {"Experiment": name, "rev": rev, "typ": typ, "Created": None, "parent": None, "State": state,
+                "Executor": None}
 
-    exps = [{"name": n, "executor": None, "revs": [{"rev": f"{i + 1:040x}", "name": n, "data": data(m, 7), "error": None}]}
-            for i, (n, m) in enumerate(experiments.items())]
-    exps.append({"name": queued, "executor": {"state": "queued"},
-                 "revs": [{"rev": "f" * 40, "name": queued, "data": data({}, 5), "error": None}]})
-    return [{"rev": "workspace", "name": None, "data": data(workspace, 3), "experiments": None},
-            {"rev": "a" * 40, "name": "main", "data": data(baseline, 3), "experiments": exps},
-            {"rev": "b" * 40, "name": None, "data": data(baseline, 3), "experiments": None}]
+    def params(x):
+        return {"vae.decoder_kernel": x, "vae.se": True, "seed": 0}
+
+    data = {None: (params(3), workspace), "main": (params(3), baseline), "bbbbbbb": (params(3), baseline),
+            "fffffff": (params(5), {})}
+    rows = [row("workspace", "baseline"), row("main", "baseline")]
+    for i, (name, metrics) in enumerate(experiments.items()):
+        rev = f"{i + 1:07x}"
+        rows.append(row(rev, "branch_commit", name))
+        data[rev] = (params(7), metrics)
+    rows += [row("fffffff", "branch_base", queued, "Queued"), row("bbbbbbb", "baseline")]
+    return rows, lambda rev: data[rev]
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +157,9 @@ def project(tmp_path_factory):
         mp.chdir(root)
         out = io.StringIO()
         with __import__("contextlib").redirect_stdout(out):
-            report_stage.main(["--html", "reports/index.html", "--metrics", "reports/metrics.json", "--fid", "reports/fid.tsv"])
-        workspace, exps, skipped = compare.parse_exp_show(exp_show_rows(base, base, {"k7": k7}))
+            report_stage.main(["--html", "reports/index.html", "--metrics", "reports/metrics.json", "--fid", "reports/fid.tsv",
+                              "--dvc-yaml", "dvc.yaml"])
+        workspace, exps, skipped = compare.parse_exp_show(*exp_show_rows(base, base, {"k7": k7}))
         stages = report.read_pipeline(root / "dvc.yaml")
         files = compare.Files(root, stages, workspace, uri, report.stage_runs("diffmodels", uri))
         (root / "reports/compare.html").write_text(compare.render_compare(exps, stages, files, skipped, uri))
@@ -233,13 +240,13 @@ def test_direction_and_best():
 
 def test_parse_exp_show_keeps_the_baseline_and_finished_experiments():
     m = {"reports/sample/metrics.json": {"fid_ddim": 1.0}}
-    workspace, exps, skipped = compare.parse_exp_show(exp_show_rows(m, m, {"k7": m, "empty": {}}))
+    workspace, exps, skipped = compare.parse_exp_show(*exp_show_rows(m, m, {"k7": m, "empty": {}}))
     assert workspace.kind == "workspace" and workspace.params["vae.decoder_kernel"] == 3
     assert [(e.name, e.kind) for e in exps] == [("main", "baseline"), ("k7", "experiment")]
     assert exps[1].params["vae.decoder_kernel"] == 7 and exps[1].metrics == m
     assert skipped == [("empty", "no metrics"), ("q1", "queued")]
     assert [e.name for e in compare.select(exps, ["k7"])] == ["k7"]
-    assert compare.select(exps, ["0000000000000000000000000000000000000001"[:8]])[0].name == "k7"
+    assert compare.select(exps, ["0000001"])[0].name == "k7"
     with pytest.raises(DiffmodelsError, match="no finished experiment named 'nope'.*main, k7"):
         compare.select(exps, ["nope"])
 
@@ -346,7 +353,7 @@ def test_dvc_plots_render_offline(offline_template, tmp_path):
 
 def test_compare_falls_back_to_mlflow_when_workspace_files_are_gone(project, tmp_path):
     """A fresh clone has the metrics (git) but not the figures (DVC cache): MLflow has them."""
-    workspace, exps, _ = compare.parse_exp_show(exp_show_rows(project.base, project.base, {"k7": project.k7}))
+    workspace, exps, _ = compare.parse_exp_show(*exp_show_rows(project.base, project.base, {"k7": project.k7}))
     stages = {s.name: s for s in report.read_pipeline(project.root / "dvc.yaml")}
     files = compare.Files(tmp_path, list(stages.values()), workspace, project.uri, report.stage_runs("diffmodels", project.uri))
     main = exps[0]
@@ -354,3 +361,60 @@ def test_compare_falls_back_to_mlflow_when_workspace_files_are_gone(project, tmp
     assert "train_vae" in main.local  # its metrics equal the workspace's ...
     recon = next(p for p in stages["train_vae"].plots if p.is_image)
     assert files.listing(main, stages["train_vae"], recon) == {"reconstructions.png": png(60)}  # ... files from MLflow
+
+
+def test_pages_escape_what_they_show_and_ship_their_templates():
+    """Names and values reach the page as text, never as markup; the templates are package data."""
+    from importlib import resources
+
+    from diffmodels.reporting import htmlpage as hp
+
+    names = {p.name for p in resources.files("diffmodels.reporting").joinpath("templates").iterdir()}
+    assert {"page.html.j2", "components.html.j2", "report.html.j2", "compare.html.j2", "page.css"} <= names
+    page = report.metric_tables({"<b>x": 1.5, "g": {"a&b": "<i>", "c": None}})  # '/' would nest the key
+    assert "&lt;b&gt;x" in page and "<b>" not in page and "a&amp;b" in page and "&lt;i&gt;" in page
+    assert '<span class="muted">-</span>' in page  # None
+    cell = hp.table(["h"], [[hp.Markup("<em>kept</em>")], ["<em>escaped</em>"]])
+    assert "<em>kept</em>" in cell and "&lt;em&gt;escaped&lt;/em&gt;" in cell
+
+
+def test_markdown_tables_in_benchmark_text():
+    text = "speed\n\n| method | s/img |\n|---|--:|\n| a \\| b | 0.5 |\n| <c> | 1 |\n\ndone\n"
+    assert report.markdown_tables(text) == [("pre", "speed"), ("table", ["method", "s/img"], [["a | b", "0.5"],
+                                                                                              ["<c>", "1"]]),
+                                            ("pre", "done")]
+    page = report.text_with_tables(text)
+    assert "<pre>speed</pre>" in page and "<td class=\"l\">a | b</td>" in page and "&lt;c&gt;" in page
+
+
+def test_dvc_experiments_through_dvc_api(tmp_path):
+    """A real DVC project: the baseline and a finished experiment with their params and metrics
+    files as written; a queued one is left out."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    write(repo / "make.py", "import json, yaml\np = yaml.safe_load(open('params.yaml'))\n"
+          "json.dump({'fid_ddim': p['vae']['decoder_kernel'] * 1.123456789, 'fid_extractor': 'x', 'n': {'b': 2}},"
+          " open('reports/sample/metrics.json', 'w'))\n")
+    write(repo / "dvc.yaml", "stages:\n  sample:\n    cmd: python make.py\n    deps: [make.py]\n"
+          "    params: [vae.decoder_kernel]\n    metrics: [{reports/sample/metrics.json: {cache: false}}]\n")
+    write(repo / "params.yaml", "vae:\n  decoder_kernel: 3\nseed: 0\n")
+    (repo / "reports/sample").mkdir(parents=True)
+    dvc = [sys.executable, "-m", "dvc"]
+    for cmd in (["git", "init", "-q", "-b", "main"], [*dvc, "init", "-q"], [*dvc, "repro", "-q"],
+                ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"],
+                [*dvc, "exp", "run", "-q", "-S", "vae.decoder_kernel=7", "-n", "k7"],
+                [*dvc, "exp", "run", "-q", "--queue", "-S", "vae.decoder_kernel=5", "-n", "q5"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    stages = report.read_pipeline(repo / "dvc.yaml")
+    workspace, exps, skipped = compare.dvc_experiments(repo, stages)
+    assert [(e.name, e.kind) for e in exps] == [("main", "baseline"), ("k7", "experiment")]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert exps[0].rev == head and len(exps[1].rev) == 40
+    assert exps[0].params == {"vae.decoder_kernel": 3, "seed": 0} and exps[1].params["vae.decoder_kernel"] == 7
+    assert exps[1].metrics == {"reports/sample/metrics.json": {"fid_ddim": 7 * 1.123456789, "fid_extractor": "x",
+                                                               "n": {"b": 2}}}
+    assert workspace.metrics == exps[1].metrics  # dvc exp run leaves the experiment in the workspace
+    assert skipped == [("q5", "queued")]
+    assert [e.name for e in compare.select(exps, [exps[1].rev[:8]])] == ["k7"]

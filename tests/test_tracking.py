@@ -122,3 +122,58 @@ def test_metric_values_is_one_rule_for_every_stage():
                "name": "x", "none": None, "ok": False}
     assert tracking.metric_values(metrics) == {"psnr": 25.0, "sub.a.b": 0.5}
     assert tracking.metric_values({}) == {}
+
+
+def test_experiment_opens_on_runs_in_the_mlflow_ui(mlflow_store):
+    """MLflow 3's UI shows a GenAI traces overview unless the experiment says it is model training;
+    an experiment made before (or by hand) gets the tag on the next stage run."""
+    params = parse_params(params_with())
+    with tracking.stage_run("prepare", params, ("data",)) as run:
+        pass
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    other = parse_params(params_with({"tracking.experiment": "made-by-hand"}))
+    eid = mlflow.create_experiment("made-by-hand")
+    assert tracking.EXPERIMENT_KIND_TAG not in mlflow.get_experiment(eid).tags
+    with tracking.stage_run("prepare", other, ("data",)) as run:
+        pass
+    assert run.info.experiment_id == eid
+    assert mlflow.get_experiment(eid).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_child_run_nests_under_the_stage_run(mlflow_store):
+    params = parse_params(params_with())
+    with tracking.stage_run("eval_inpaint", params, ("data",)) as parent:
+        with tracking.child_run("clamp", tags={"method": "clamp", "stage": "eval_inpaint/clamp"}) as child:
+            tracking.log_metrics({"fid": 12.5})
+        assert mlflow.active_run().info.run_id == parent.info.run_id, "the stage's run is active again"
+        tracking.log_metrics({"seconds": 3.0})
+        with pytest.raises(ValueError):
+            with tracking.child_run("repaint") as failing:
+                raise ValueError("boom")
+    stored = mlflow.get_run(child.info.run_id)
+    assert stored.info.status == "FINISHED" and stored.info.run_name == "clamp"
+    assert stored.info.experiment_id == parent.info.experiment_id
+    tags = stored.data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+    assert tags["method"] == "clamp" and tags["stage"] == "eval_inpaint/clamp"
+    assert tags["pipeline_id"] == mlflow.get_run(parent.info.run_id).data.tags["pipeline_id"]
+    assert stored.data.metrics == {"fid": 12.5}
+    assert mlflow.get_run(parent.info.run_id).data.metrics == {"seconds": 3.0}
+    assert mlflow.get_run(failing.info.run_id).info.status == "FAILED"
+    assert mlflow.get_run(failing.info.run_id).data.tags["stage"] == "eval_inpaint"  # inherited
+    assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
+    with pytest.raises(TrackingError, match="needs an active stage run"):
+        with tracking.child_run("orphan"):
+            pass
+
+
+def test_stage_failure_inside_a_child_run_fails_both(mlflow_store):
+    params = parse_params(params_with())
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("eval_inpaint", params, ("data",)) as parent:
+            with tracking.child_run("clamp") as child:
+                raise RuntimeError("boom")
+    assert mlflow.active_run() is None
+    assert mlflow.get_run(child.info.run_id).info.status == "FAILED"
+    assert mlflow.get_run(parent.info.run_id).info.status == "FAILED"

@@ -1,4 +1,4 @@
-"""MLflow tracking: one run per stage execution (SPEC 8).
+"""MLflow tracking: one run per stage execution.
 
 Store
     ``MLFLOW_TRACKING_URI`` when set; otherwise ``sqlite:///<project root>/mlflow.db`` with
@@ -18,16 +18,26 @@ Params are logged flat with the dotted names of params.yaml (``data.resolution``
 that cannot be reached is a :class:`~diffmodels.core.errors.TrackingError`, never a silent skip.
 A run stopped by Ctrl-C or SIGTERM is marked KILLED, by any other exception FAILED.
 
+The experiment is a model-training one
+    MLflow 3's UI opens an experiment on its GenAI overview (traces) unless told otherwise. The
+    experiment carries ``mlflow.experimentKind = custom_model_development`` (read by the UI's
+    experiment page in MLflow 3.0-3.x; set on an existing experiment that lacks it), and links
+    into the UI add ``?workflowType=machine_learning`` (:data:`UI_RUNS_VIEW`): MLflow 3.17's UI
+    decides by that global workflow type alone (default ``genai``, checked in headless Chromium).
+
 Concurrent writers (``dvc queue start -j 2``, several shells)
     Several processes share one sqlite store. Two things go wrong without care, both measured
     here with 4 processes logging to a fresh store at once: (1) MLflow creates a new store's
     schema (``create_all`` + alembic migrations) without a lock, so the processes race and 3 of
     4 died with "table alembic_version already exists" / "duplicate column name: step"; the
-    first store access is therefore serialised by an exclusive ``flock`` on ``<db>.lock``.
-    (2) sqlite allows one writer at a time; MLflow sets ``PRAGMA busy_timeout = 20000`` on
-    every session, and writes that still fail with "database is locked" (a lock held longer,
-    or sqlite's deadlock avoidance, which returns at once) are retried with exponential
-    backoff by wrapping the store's write methods (:func:`retry_when_locked`).
+    first store access (``MlflowClient(uri)``, which builds the store) is therefore serialised
+    by an exclusive ``flock`` on ``<db>.lock``. (2) sqlite allows one writer at a time; MLflow
+    sets ``PRAGMA busy_timeout = 20000`` on every session, and writes that still fail with
+    "database is locked" (a lock held longer, or sqlite's deadlock avoidance, which returns at
+    once) are retried with exponential backoff (:func:`retry_when_locked`). Stages therefore
+    write through this module's wrappers of MLflow's public calls (:func:`log_metrics`,
+    :func:`log_params`, :func:`set_tags`, :func:`log_artifact`, :func:`start_run`,
+    :func:`end_run`, :func:`child_run`), never ``mlflow.log_*`` directly.
 """
 
 from __future__ import annotations
@@ -53,11 +63,10 @@ from diffmodels.core.errors import TrackingError
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-# Store methods that write to the database; each is retried while sqlite reports a lock.
-STORE_WRITES = (
-    "create_experiment", "create_run", "update_run_info", "log_batch", "log_metric", "log_param",
-    "set_tag", "delete_tag", "set_experiment_tag", "log_inputs", "log_outputs", "record_logged_model",
-)
+# What MLflow 3's UI reads to open an experiment on its runs, not on GenAI traces (module docstring).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_RUNS_VIEW = "workflowType=machine_learning"
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -208,22 +217,27 @@ def _check_reachable(uri: str) -> None:
 
 
 def _experiment_id(name: str, uri: str, root: Path) -> str:
+    """The id of experiment ``name``, created (artifacts beside a sqlite store) when missing, and
+    marked as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`) when it is not yet."""
     import mlflow
 
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        # Artifacts beside the database, never the cwd-relative ./mlruns default.
-        location = (Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR).resolve().as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another stage: fetch it
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    experiment = retry_when_locked(mlflow.get_experiment_by_name)(name)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            # Artifacts beside the database, never the cwd-relative ./mlruns default.
+            location = (Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR).resolve().as_uri()
+        try:
+            return retry_when_locked(mlflow.create_experiment)(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # created concurrently by another stage: fetch it
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version, or by hand
+        retry_when_locked(mlflow.MlflowClient(uri).set_experiment_tag)(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def retry_when_locked(fn: Callable, attempts: int = 8, first_wait_s: float = 0.25,
@@ -283,24 +297,24 @@ def _store_init_lock(uri: str) -> Iterator[None]:
 
 
 def _open_store(uri: str) -> None:
-    """Create (or open) the tracking store once per process, schema creation under the lock,
-    and make its writes retry on "database is locked"."""
+    """Create (or open) the tracking store, schema creation under the lock (module docstring).
+
+    ``MlflowClient(uri)`` builds the store, which creates and migrates a new database; MLflow
+    caches that store per URI, so every later call of this process (fluent or client) reuses it.
+    """
     from mlflow import MlflowClient
 
-    def open_locked():
+    def open_locked() -> None:
         with _store_init_lock(uri):
-            # MLflow caches one store object per URI; every fluent call (mlflow.log_metrics ...) uses it.
-            return MlflowClient(tracking_uri=uri)._tracking_client.store
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
-    store = retry_when_locked(open_locked)() if uri.startswith("sqlite:") else open_locked()
     if uri.startswith("sqlite:"):
         db_logger = logging.getLogger("mlflow.store.db.utils")
         if not any(isinstance(f, _LockedNoise) for f in db_logger.filters):
             db_logger.addFilter(_LockedNoise())
-        for name in STORE_WRITES:
-            method = getattr(store, name, None)
-            if method is not None and not getattr(method, "retries_locked", False):
-                setattr(store, name, retry_when_locked(method))
+        retry_when_locked(open_locked)()
+    else:
+        open_locked()
 
 
 def metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -326,17 +340,96 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str
 
     values = {f"{prefix}{k}": v for k, v in metric_values(metrics).items()}
     if values:
-        mlflow.log_metrics(values, step=step)
+        retry_when_locked(mlflow.log_metrics)(values, step=step)
     return values
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """``mlflow.log_params``, retried while the store is locked."""
+    import mlflow
+
+    if params:
+        retry_when_locked(mlflow.log_params)(dict(params))
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """``mlflow.set_tags`` on the active run, retried while the store is locked."""
+    import mlflow
+
+    if tags:
+        retry_when_locked(mlflow.set_tags)(dict(tags))
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """``mlflow.log_artifact`` of one file (into ``artifact_path``), retried while the store is locked."""
+    import mlflow
+
+    retry_when_locked(mlflow.log_artifact)(str(path), artifact_path=artifact_path)
+
+
+def start_run(**kwargs: Any) -> Any:
+    """``mlflow.start_run(**kwargs)``, retried while the store is locked; returns the ActiveRun.
+
+    A failed attempt leaves nothing behind: MLflow makes the run active only after the store
+    created it (one sqlite transaction)."""
+    import mlflow
+
+    return retry_when_locked(mlflow.start_run)(**kwargs)
+
+
+def end_run(status: str = "FINISHED") -> None:
+    """End the active run with ``status`` (FINISHED, FAILED, KILLED), retried while the store is locked.
+
+    ``mlflow.end_run`` drops the run from the active stack *before* writing its status, so a
+    retried ``end_run`` would end nothing: the status is written first (retried), then the run
+    is ended (which writes the same status again; a lock there finds the run already ended)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    retry_when_locked(mlflow.MlflowClient().set_terminated)(run.info.run_id, status)
+    retry_when_locked(mlflow.end_run)(status)
+
+
+@contextlib.contextmanager
+def child_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """A nested MLflow run named ``name`` under the active run (e.g. one per inpainting method).
+
+    Inside, :func:`log_metrics` and friends write to the child; on exit the parent is active
+    again. It ends FINISHED, FAILED on an exception, KILLED on Ctrl-C / SIGTERM, and the
+    exception propagates. The child is in the parent's experiment and inherits its tags
+    (:func:`run_tags`: stage, commit, pipeline id, determinism), ``tags`` overriding them (e.g.
+    ``{"stage": "eval_inpaint/clamp", "method": "clamp"}``); MLflow adds ``mlflow.parentRunId``,
+    by which the report tells children from stage runs.
+    """
+    import mlflow
+
+    parent = mlflow.active_run()
+    if parent is None:
+        raise TrackingError(f"child run {name!r} needs an active stage run: open it inside tracking.stage_run")
+    inherited = {k: v for k, v in parent.data.tags.items()
+                 if not k.startswith("mlflow.") or k == "mlflow.source.git.commit"}
+    run = start_run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
+                    tags={**inherited, **(tags or {})})
+    try:
+        yield run
+    except KeyboardInterrupt:
+        end_run("KILLED")
+        raise
+    except BaseException:
+        end_run("FAILED")
+        raise
+    end_run("FINISHED")
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, groups: Iterable[str]) -> Iterator[Any]:
     """Open the MLflow run of one stage execution, log its tags and params, and yield it.
 
-    Inside the block use ``mlflow.log_metrics(..., step=)`` and ``mlflow.log_artifact``; an
-    exception marks the run FAILED (MLflow's own context manager), Ctrl-C or SIGTERM KILLED, and
-    propagates.
+    Inside the block log with :func:`log_metrics` (``step=``), :func:`log_artifact`,
+    :func:`set_tags` (retried while a shared sqlite store is locked). An exception marks the
+    run FAILED, Ctrl-C or SIGTERM KILLED (tag ``interrupted``), and propagates.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -351,16 +444,29 @@ def stage_run(stage: str, params: Params, groups: Iterable[str]) -> Iterator[Any
     try:
         _open_store(uri)
         experiment_id = _experiment_id(params.tracking.experiment, uri, root)
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags(stage, root))
+        run = start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags(stage, root))
     except (MlflowException, SQLAlchemyError, OSError) as exc:  # SQLAlchemyError: e.g. "file is not a database"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"cannot open an MLflow run in {uri}: {first}") from None
-    with run:
-        mlflow.log_params(flatten(params, groups))
-        try:
-            yield run
-        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (diffmodels.core.interrupt)
-            with contextlib.suppress(MlflowException, TrackingError):
-                mlflow.set_tag("interrupted", str(exc) or "KeyboardInterrupt")
-                mlflow.end_run("KILLED")  # ActiveRun.__exit__ then leaves the status alone
-            raise
+    try:
+        log_params(flatten(params, groups))
+        yield run
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (diffmodels.core.interrupt)
+        with contextlib.suppress(MlflowException, TrackingError):
+            set_tags({"interrupted": str(exc) or "KeyboardInterrupt"})
+            _end_stage_run(run, "KILLED")
+        raise
+    except BaseException:
+        with contextlib.suppress(MlflowException, TrackingError):  # the stage's own error matters more
+            _end_stage_run(run, "FAILED")
+        raise
+    _end_stage_run(run, "FINISHED")
+
+
+def _end_stage_run(run: Any, status: str) -> None:
+    """End child runs left open by an exception, then the stage's run."""
+    import mlflow
+
+    while (active := mlflow.active_run()) is not None and active.info.run_id != run.info.run_id:
+        end_run(status)
+    end_run(status)

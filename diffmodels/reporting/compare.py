@@ -1,7 +1,11 @@
 """Ablations side by side: DVC experiments -> one HTML page (``python -m stages.compare``).
 
 Sources
-    ``dvc exp show --json`` gives each experiment's params and metrics (per metrics file). Files
+    ``dvc.api.exp_show`` lists the baseline and its experiments with their state; each one's
+    params come from ``dvc.api.params_show(rev=)`` and its metrics files (those of ``dvc.yaml``),
+    as written, through ``dvc.api.DVCFileSystem(rev=)``. (``exp_show``'s own table cannot serve
+    for the values: it flattens every metrics file into one row, names a key by its file only
+    when two files share it, and turns numbers into formatted strings and back.) Files
     (loss curves, leakage profiles, sample grids) come from the workspace for the stages whose
     metrics there equal the experiment's (the experiment *is* the workspace for that stage), and
     otherwise from the MLflow run that produced them: the stage's finished run whose logged metrics
@@ -23,9 +27,8 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,64 +52,93 @@ class Experiment:
     local: set[str] = field(default_factory=set)  # stages whose files in the workspace are this experiment's
 
 
-def _flat_params(data: Mapping) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for file, content in (data.get("params") or {}).items():
-        body = (content or {}).get("data") or {}
-        for key, value in report.flatten_metrics(body).items():
-            out[key.replace("/", ".")] = value
-    return out
+RevData = Callable[[str | None], tuple[dict[str, Any], dict[str, dict]]]
 
 
-def _metrics(data: Mapping) -> dict[str, dict]:
-    return {path: content["data"] for path, content in (data.get("metrics") or {}).items()
-            if isinstance(content, Mapping) and isinstance(content.get("data"), Mapping)}
+def parse_exp_show(rows: Sequence[Mapping], read: RevData
+                   ) -> tuple[Experiment | None, list[Experiment], list[tuple[str, str]]]:
+    """(workspace, [baseline, its experiments...], skipped (name, why)) from ``dvc.api.exp_show`` rows.
 
-
-def parse_exp_show(rows: Sequence[Mapping]) -> tuple[Experiment | None, list[Experiment], list[tuple[str, str]]]:
-    """(workspace, [baseline, its experiments...], skipped (name, why)) from ``dvc exp show --json``.
-
-    The baseline is the first commit row (``HEAD``); experiments that are queued, running, failed
-    or have no metrics are skipped with the reason.
+    ``read(rev)`` gives a rev's (flat params, {metrics file: content}); ``rev=None`` the
+    workspace. The baseline is the first commit row (``HEAD``); experiments that are queued,
+    running, failed, unreadable or have no metrics are skipped with the reason.
     """
     workspace, chosen, skipped = None, [], []
     for row in rows:
-        data = row.get("data") or {}
-        if row.get("rev") == "workspace":
-            workspace = Experiment("workspace", "workspace", _flat_params(data), _metrics(data), kind="workspace")
+        rev, typ = str(row.get("rev") or ""), row.get("typ")
+        if rev == "workspace":
+            params, metrics = read(None)
+            workspace = Experiment("workspace", "workspace", params, metrics, kind="workspace")
             continue
-        if chosen:  # only the current baseline's experiments (dvc exp show lists HEAD first)
-            break
-        name = row.get("name") or str(row.get("rev", ""))[:7]
-        chosen.append(Experiment(name, row.get("rev", ""), _flat_params(data), _metrics(data), kind="baseline"))
-        for exp in row.get("experiments") or []:
-            revs = exp.get("revs") or []
-            rev = revs[0] if revs else {}
-            exp_name = exp.get("name") or rev.get("name") or str(rev.get("rev", ""))[:7]
-            state = ((exp.get("executor") or {}).get("state") or "").lower()
-            edata = rev.get("data") or {}
-            if state in NOT_FINISHED:
-                skipped.append((exp_name, state))
-            elif rev.get("error"):
-                skipped.append((exp_name, f"error: {rev['error'].get('msg', rev['error']) if isinstance(rev['error'], Mapping) else rev['error']}"))
-            elif not _metrics(edata):
-                skipped.append((exp_name, "no metrics"))
-            else:
-                chosen.append(Experiment(exp_name, rev.get("rev", ""), _flat_params(edata), _metrics(edata)))
+        if typ == "baseline":
+            if chosen:  # only the current baseline's experiments (exp_show lists HEAD first)
+                break
+            params, metrics = read(rev)
+            chosen.append(Experiment(rev, rev, params, metrics, kind="baseline"))
+            continue
+        if not chosen:
+            continue
+        name = row.get("Experiment") or rev
+        state = str(row.get("State") or "").lower()
+        if state in NOT_FINISHED:
+            skipped.append((name, state))
+            continue
+        try:
+            params, metrics = read(rev)
+        except (OSError, ValueError, DiffmodelsError) as exc:  # ValueError: a metrics file that is not JSON
+            skipped.append((name, f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"))
+            continue
+        if not metrics:
+            skipped.append((name, "no metrics"))
+        else:
+            chosen.append(Experiment(name, rev, params, metrics))
     return workspace, chosen, skipped
 
 
-def dvc_exp_show(root: Path) -> list[dict]:
-    """``dvc exp show --json`` in ``root`` (the current baseline and its experiments)."""
-    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
-    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DiffmodelsError(f"`dvc exp show --json` failed in {root}: {last}")
+def rev_reader(root: Path, metrics_files: Sequence[str]) -> RevData:
+    """``read(rev)`` for :func:`parse_exp_show`: params (dotted names) and the metrics files of a
+    rev (a commit, branch or experiment), through ``dvc.api``; ``None`` is the workspace."""
+    import dvc.api
+
+    def read(rev: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
+        params = {k.replace("/", "."): v for k, v in report.flatten_metrics(
+            dvc.api.params_show(repo=str(root), rev=rev)).items()}
+        fs = dvc.api.DVCFileSystem(str(root), rev=rev) if rev is not None else None
+        metrics = {}
+        for path in metrics_files:
+            try:
+                text = fs.read_text(path) if fs is not None else (root / path).read_text()
+            except FileNotFoundError:  # the stage has not run in that rev
+                continue
+            content = json.loads(text)
+            if isinstance(content, Mapping):
+                metrics[path] = content
+        return params, metrics
+
+    return read
+
+
+def dvc_experiments(root: Path, stages: Sequence[report.Stage]
+                    ) -> tuple[Experiment | None, list[Experiment], list[tuple[str, str]]]:
+    """The workspace, the current baseline and its experiments in the DVC project at ``root``."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    files = list(dict.fromkeys(m for s in stages for m in s.metrics))
     try:
-        return json.loads(result.stdout)
-    except json.JSONDecodeError:
-        raise DiffmodelsError(f"`dvc exp show --json` in {root} did not print JSON") from None
+        rows = dvc.api.exp_show(repo=str(root))
+        workspace, exps, skipped = parse_exp_show(rows, rev_reader(root, files))
+    except (DvcException, ValueError) as exc:  # ValueError: a metrics file that is not JSON
+        raise DiffmodelsError(f"cannot read the DVC experiments in {root}: {exc}") from None
+    for exp in exps:  # full commit ids (exp_show gives 7 characters, or the branch name)
+        exp.rev = _full_rev(root, exp.rev)
+    return workspace, exps, skipped
+
+
+def _full_rev(root: Path, rev: str) -> str:
+    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=root,
+                         capture_output=True, text=True)
+    return out.stdout.strip() or rev
 
 
 def select(experiments: list[Experiment], names: Sequence[str]) -> list[Experiment]:
@@ -258,27 +290,26 @@ def stage_metrics(exp: Experiment, stage: report.Stage) -> dict[str, Any]:
 
 def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files: Files,
                    skipped: Sequence[tuple[str, str]] = (), tracking_uri: str = "") -> str:
+    """The comparison page (``templates/compare.html.j2``) of ``exps``, files found by ``files``."""
     stages = [s for s in stages if s.name != "report"]
     for i, e in enumerate(exps):
         e.color = hp.PALETTE[i % len(hp.PALETTE)]
         files.attach(e)
-    names = [e.name for e in exps]
-    head = [hp.Raw(f"{hp.chip(e.color)}{hp.esc(e.name)}") for e in exps]
-    sections, nav = [], []
+    head = [hp.chip(e.color) + e.name for e in exps]  # Markup + str: the name is escaped
+    nav = []
 
     # 1. params that differ + headline metrics
     keys = sorted({k for e in exps for k in e.params})
     diff_params = [k for k in keys if differing([e.params.get(k) for e in exps])]
     per_stage = {s.name: [stage_metrics(e, s) for e in exps] for s in stages}
     heads = []
-    for pattern, label in report.HEADLINES:
+    for pattern, _ in report.HEADLINES:
         for s in stages:
             hits = sorted({k for m in per_stage[s.name] for k, v in m.items()
                            if fnmatch.fnmatchcase(k, pattern) and report.is_number(v)})
             if hits:
                 heads += [(s.name, k) for k in hits if (s.name, k) not in heads]
                 break
-    header = ["experiment", *diff_params, *(k for _, k in heads)]
     rows, best = [], set()
     for i, e in enumerate(exps):
         rows.append([head[i], *(e.params.get(k) for k in diff_params),
@@ -286,19 +317,13 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
     for j, (s, k) in enumerate(heads):
         for i in best_index([per_stage[s][r].get(k) for r in range(len(exps))], direction(k)):
             best.add((i, 1 + len(diff_params) + j))
-    kinds = ", ".join(f"{e.name} ({e.kind}{', ' + e.rev[:7] if e.rev and e.kind != 'workspace' else ''})" for e in exps)
-    intro = (f"<p>{len(exps)} runs: {hp.esc(kinds)}. Marked cells are the best of their column "
-             "(lower FID/KID/loss/leakage/time, higher PSNR/SSIM/throughput).</p>")
-    if not diff_params:
-        intro += '<p class="muted">No params differ between these experiments.</p>'
-    if skipped:
-        intro += "<p class=\"muted\">Left out: " + hp.esc(", ".join(f"{n} ({why})" for n, why in skipped)) + "</p>"
-    sections.append(f'<section id="summary"><h2>Params that differ and headline metrics</h2>{intro}'
-                    f"{hp.table(header, rows, best=best)}</section>")
+    summary = {"header": ["experiment", *diff_params, *(k for _, k in heads)], "rows": rows, "best": best}
+    kinds = ", ".join(f"{e.name} ({e.kind}{', ' + e.rev[:7] if e.rev and e.kind != 'workspace' else ''})"
+                      for e in exps)
     nav.append(("summary", "summary"))
 
     # 2. every numeric metric that differs
-    blocks = []
+    metric_blocks = []
     for s in stages:
         ms = per_stage[s.name]
         mkeys = [k for k in dict.fromkeys(k for m in ms for k in m)
@@ -310,10 +335,8 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
             values = [m.get(k) for m in ms]
             rows.append([k, *values])
             best |= {(r, 1 + i) for i in best_index(values, direction(k))}
-        blocks.append(f"<h3>{hp.esc(s.name)}</h3>" + hp.table(["metric", *head], rows, best=best))
-    if blocks:
-        sections.append('<section id="metrics"><h2>All metrics that differ</h2><details open><summary>'
-                        f'{sum(b.count("<tr>") for b in blocks)} rows</summary>{"".join(blocks)}</details></section>')
+        metric_blocks.append({"stage": s.name, "header": ["metric", *head], "rows": rows, "best": best})
+    if metric_blocks:
         nav.append(("metrics", "metrics"))
 
     # 3. curves overlaid
@@ -335,20 +358,19 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
                          for e in exps if column in per_exp[e.name]]
                 if not lines:
                     continue
-                if len(lines) == len(exps) > 1 and all((list(l.x), list(l.y)) == (list(lines[0].x), list(lines[0].y))
-                                                       for l in lines):
+                if len(lines) == len(exps) > 1 and all(
+                        (list(line.x), list(line.y)) == (list(lines[0].x), list(lines[0].y)) for line in lines):
                     lines = [hp.Series(f"all {len(exps)} (identical)", lines[0].x, lines[0].y, color="#475569")]
                 x_name = next(per_exp[e.name][column][0] for e in exps if column in per_exp[e.name])
                 title = report.plot_title(plot) + ("" if len(columns) == 1 else f" - {column}")
                 charts.append(hp.figure(hp.line_chart(lines, title, x_name, column), f"{s.name}: {title}"))
     if charts:
-        sections.append(f'<section id="curves"><h2>Curves</h2>{"".join(charts)}</section>')
         nav.append(("curves", "curves"))
 
     # 4. images side by side
-    blocks = []
+    image_blocks = []
     for s in stages:
-        rows_html = []
+        image_rows = []
         for plot in s.plots:
             if not plot.is_image:
                 continue
@@ -359,27 +381,22 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
                 mime = hp.IMAGE_TYPES[os.path.splitext(rel)[1].lower()]
                 digests = {hashlib.sha256(c).hexdigest() for c in cells if c is not None}
                 if len(digests) == 1 and all(c is not None for c in cells) and len(exps) > 1:
-                    rows_html.append(f"<h3>{hp.esc(rel)} <span class=\"badge\">the same in all</span></h3>"
-                                     + hp.scaled_img(cells[0], rel, mime))
+                    image_rows.append({"rel": rel, "same": hp.scaled_img(cells[0], rel, mime)})
                     continue
-                grid = "".join(
-                    f'<div class="cell">{hp.scaled_img(c, f"{e.name}: {rel}", mime, 160) if c is not None else "<span class=muted>not available</span>"}'
-                    f"<div>{hp.chip(e.color)}{hp.esc(e.name)}</div></div>" for e, c in zip(exps, cells))
-                rows_html.append(f"<h3>{hp.esc(rel)}</h3><div class=\"grid\" style=\"grid-template-columns: "
-                                 f"repeat({len(exps)}, minmax(0, 1fr))\">{grid}</div>")
-        if rows_html:
-            blocks.append(f"<h2 id=\"img-{hp.esc(s.name)}\">{hp.esc(s.name)}</h2>" + "".join(rows_html))
-    if blocks:
-        sections.append(f'<section id="images"><h2>Images side by side</h2>{"".join(blocks)}</section>')
+                image_rows.append({"rel": rel, "same": None, "cells": [
+                    (hp.scaled_img(c, f"{e.name}: {rel}", mime, 160) if c is not None else None, e)
+                    for e, c in zip(exps, cells)]})
+        if image_rows:
+            image_blocks.append({"stage": s.name, "rows": image_rows})
+    if image_blocks:
         nav.append(("images", "images"))
 
     # 5. where each column came from
-    rows = []
-    for s in stages:
-        rows.append([s.name, *(hp.Raw(("workspace files; " if s.name in e.local else "")
-                                      + report.run_link(e.runs.get(s.name), tracking_uri)) for e in exps)])
-    sections.append(f'<section id="runs"><h2>MLflow runs</h2>{hp.table(["stage", *head], rows)}</section>')
+    runs_rows = [[s.name, *((("workspace files; " if s.name in e.local else "")
+                             + report.run_link(e.runs.get(s.name), tracking_uri)) for e in exps)] for s in stages]
     nav.append(("runs", "runs"))
-    subtitle = hp.esc(" vs ".join(names))
-    return hp.page("diffmodels: experiment comparison", subtitle, "\n".join(sections), nav)
-
+    return hp.render(
+        "compare.html.j2", title="diffmodels: experiment comparison", nav=nav, names=[e.name for e in exps],
+        runs=exps, kinds=kinds, diff_params=diff_params, skipped=list(skipped), summary=summary,
+        metric_blocks=metric_blocks, metric_rows=sum(len(b["rows"]) + 1 for b in metric_blocks),
+        charts=charts, image_blocks=image_blocks, runs_table={"header": ["stage", *head], "rows": runs_rows})

@@ -2,20 +2,29 @@
 
 Everything a page shows is inside the one file (images as base64 ``data:`` URIs, CSS inline, no
 script), so it opens from disk, from an MLflow artifact or an e-mail attachment alike. Used by
-the report stage (``diffmodels.reporting.report``) and ``python -m stages.compare`` (``diffmodels.reporting.compare``).
+the report stage (``diffmodels.reporting.report``) and ``python -m stages.compare``
+(``diffmodels.reporting.compare``).
+
+The markup lives in Jinja templates shipped with the package (``templates/*.html.j2``, the CSS
+in ``templates/page.css``), rendered with autoescape on: every value is escaped unless it is
+:class:`~markupsafe.Markup` (what the building blocks below return), so a metric name or a
+path with ``<`` or ``&`` cannot break a page.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import math
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import jinja2
 import matplotlib
+from markupsafe import Markup
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (no pyplot: no global figure state)
@@ -26,55 +35,6 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 # One colour per experiment / series, the same in charts and in the tables' legend chips.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
-
-CSS = """
-:root { --fg: #1a202c; --muted: #64748b; --line: #e2e8f0; --accent: #2563eb; --best: #dcfce7; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
-       margin: 0; background: #f8fafc; }
-header { background: #0f172a; color: #f8fafc; padding: 18px 32px; }
-header h1 { margin: 0 0 4px; font-size: 22px; }
-header .sub { color: #cbd5e1; font-size: 13px; }
-header a { color: #93c5fd; }
-nav { position: sticky; top: 0; z-index: 2; background: #fff; border-bottom: 1px solid var(--line);
-      padding: 8px 32px; font-size: 13px; }
-nav a { margin-right: 14px; color: var(--accent); text-decoration: none; }
-main { padding: 8px 32px 48px; max-width: 1600px; }
-section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 14px 20px;
-          margin: 18px 0; }
-h2 { margin: 4px 0 10px; font-size: 19px; }
-h3 { margin: 16px 0 6px; font-size: 15px; }
-.muted { color: var(--muted); }
-.cards { display: flex; flex-wrap: wrap; gap: 12px; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; min-width: 150px; background: #fff; }
-.card .v { font-size: 22px; font-weight: 600; }
-.card .k { color: var(--muted); font-size: 12px; }
-table { border-collapse: collapse; margin: 6px 0 12px; font-size: 13px; }
-th, td { border: 1px solid var(--line); padding: 3px 8px; text-align: right; vertical-align: top; }
-th { background: #f1f5f9; font-weight: 600; }
-td.l, th.l { text-align: left; }
-td.text { text-align: left; max-width: 60em; white-space: pre-wrap; }
-td.best { background: var(--best); font-weight: 600; }
-.kv { columns: 3 22em; column-gap: 24px; }
-.kv table, .kv > div { width: 100%; break-inside: avoid; }
-figure { display: inline-block; margin: 6px 14px 10px 0; vertical-align: top; }
-figure img { max-width: 100%; border: 1px solid var(--line); background: #fff; }
-figcaption { font-size: 12px; color: var(--muted); }
-img.pixel { image-rendering: pixelated; }
-.grid { display: grid; gap: 10px; align-items: start; }
-.grid .cell { text-align: center; font-size: 12px; }
-.grid .cell img { max-width: 100%; }
-.chip { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 5px; }
-.note { border-left: 4px solid #f59e0b; background: #fffbeb; padding: 8px 12px; margin: 8px 0; }
-.badge { display: inline-block; font-size: 11px; padding: 1px 7px; border-radius: 9px; background: #e2e8f0;
-         margin-left: 6px; vertical-align: middle; }
-pre { background: #f1f5f9; padding: 10px; overflow-x: auto; font-size: 12px; }
-details > summary { cursor: pointer; color: var(--accent); margin: 6px 0; }
-"""
-
-
-def esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def fmt(value: object) -> str:
@@ -94,14 +54,39 @@ def fmt(value: object) -> str:
     return str(value)
 
 
+def _fmt_filter(value: object) -> object:
+    return value if isinstance(value, Markup) else fmt(value)
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    """The templates of this package, autoescaped, undefined names an error."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("diffmodels.reporting", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, extensions=["jinja2.ext.do"],
+        trim_blocks=True, keep_trailing_newline=True,
+    )
+    env.filters["fmt"] = _fmt_filter
+    env.tests["markup"] = lambda value: isinstance(value, Markup)
+    return env
+
+
+def render(template: str, **context: Any) -> str:
+    """A whole page from ``templates/<template>``."""
+    return environment().get_template(template).render(**context)
+
+
+def component(name: str) -> Any:
+    """A macro of ``templates/components.html.j2``, callable from Python; it returns Markup."""
+    return getattr(environment().get_template("components.html.j2").module, name)
+
+
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def img(data: bytes, alt: str, mime: str = "image/png", css: str = "", width: int | None = None) -> str:
-    style = f' style="width:{width}px"' if width else ""
-    klass = f' class="{css}"' if css else ""
-    return f'<img src="{data_uri(data, mime)}" alt="{esc(alt)}"{klass}{style}>'
+def img(data: bytes, alt: str, mime: str = "image/png", css: str = "", width: int | None = None) -> Markup:
+    return component("img")(data_uri(data, mime), alt, css, width)
 
 
 def upscaled(data: bytes, mime: str, min_width: int = 240) -> int | None:
@@ -116,62 +101,26 @@ def upscaled(data: bytes, mime: str, min_width: int = 240) -> int | None:
     return w * math.ceil(min_width / w) if 0 < w < min_width else None
 
 
-def scaled_img(data: bytes, alt: str, mime: str = "image/png", min_width: int = 240) -> str:
+def scaled_img(data: bytes, alt: str, mime: str = "image/png", min_width: int = 240) -> Markup:
     width = upscaled(data, mime, min_width)
     return img(data, alt, mime, "pixel" if width else "", width)
 
 
-def figure(data: bytes, caption: str, mime: str = "image/png", min_width: int = 240) -> str:
+def figure(data: bytes, caption: str, mime: str = "image/png", min_width: int = 240) -> Markup:
     """An image with its caption; tiny images are scaled up, pixelated."""
-    return f"<figure>{scaled_img(data, caption, mime, min_width)}<figcaption>{esc(caption)}</figcaption></figure>"
+    return component("figure")(scaled_img(data, caption, mime, min_width), caption)
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[object]], left_cols: int = 1,
-          best: Iterable[tuple[int, int]] = ()) -> str:
-    """An HTML table; cells already containing markup are passed as :class:`Raw`."""
-    best = set(best)
-    out = ["<table><tr>" + "".join(f'<th class="l">{cell(h)}</th>' if i < left_cols else f"<th>{cell(h)}</th>"
-                                   for i, h in enumerate(header)) + "</tr>"]
-    for r, row in enumerate(rows):
-        tds = []
-        for c, value in enumerate(row):
-            classes = []
-            if c < left_cols:
-                classes.append("l")
-            elif isinstance(value, str) and not isinstance(value, Raw) and len(value) > 24:
-                classes.append("text")
-            if (r, c) in best:
-                classes.append("best")
-            attr = f' class="{" ".join(classes)}"' if classes else ""
-            tds.append(f"<td{attr}>{cell(value)}</td>")
-        out.append("<tr>" + "".join(tds) + "</tr>")
-    return "\n".join(out) + "</table>"
+def table(header: Sequence[object], rows: Iterable[Sequence[object]], left_cols: int = 1,
+          best: Iterable[tuple[int, int]] = ()) -> Markup:
+    """An HTML table of values (numbers formatted by :func:`fmt`, ``None`` as a muted dash);
+    cells that are already markup (:class:`~markupsafe.Markup`) are inserted as they are, ``best``
+    (row, column) cells are highlighted."""
+    return component("table")(list(header), [list(r) for r in rows], left_cols, set(best))
 
 
-class Raw(str):
-    """Markup that :func:`table` inserts as is."""
-
-
-def cell(value: object) -> str:
-    if isinstance(value, Raw):
-        return str(value)
-    if value is None:
-        return '<span class="muted">-</span>'
-    return esc(fmt(value))
-
-
-def chip(color: str) -> str:
-    return f'<span class="chip" style="background:{color}"></span>'
-
-
-def page(title: str, subtitle: str, body: str, nav: Sequence[tuple[str, str]] = ()) -> str:
-    links = "".join(f'<a href="#{esc(anchor)}">{esc(label)}</a>' for anchor, label in nav)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>{esc(title)}</h1><div class=\"sub\">{subtitle}</div></header>"
-            + (f"<nav>{links}</nav>" if links else "")
-            + f"<main>{body}</main></body></html>\n")
+def chip(color: str) -> Markup:
+    return component("chip")(color)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The pipeline report (SPEC 4.9): one self-contained page of every stage's metrics and figures.
+"""The pipeline report: one self-contained page of every stage's metrics and figures.
 
 What the page shows is read from ``dvc.yaml``, not listed here: for each stage, its ``metrics``
 files become tables and its ``plots`` become figures (TSV/CSV data drawn with matplotlib using
@@ -11,7 +11,10 @@ row per group; ``group/row/column`` -> one table per group (e.g. ``method/mask s
 
 Each stage is linked to its MLflow run: the newest finished run of that stage whose logged
 metrics equal the ones in its ``metrics.json`` (so a stage that did not rerun links to the run
-that produced its current outputs, not merely the latest one).
+that produced its current outputs, not merely the latest one). Names are compared as the
+stages log them (:func:`diffmodels.core.tracking.metric_values`).
+
+The page's markup is ``templates/report.html.j2`` (:mod:`diffmodels.reporting.htmlpage`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from diffmodels.core import tracking
 from diffmodels.core.errors import DiffmodelsError
 from diffmodels.reporting import htmlpage as hp
 
@@ -173,7 +177,7 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def metric_tables(metrics: Mapping[str, Any]) -> str:
+def metric_tables(metrics: Mapping[str, Any]) -> hp.Markup:
     """HTML tables of one stage's metrics, laid out by key depth (see the module docstring)."""
     flat = flatten_metrics(metrics)
     scalars = {k: v for k, v in flat.items() if "/" not in k}
@@ -185,26 +189,23 @@ def metric_tables(metrics: Mapping[str, Any]) -> str:
             pairs.setdefault(parts[0], {})[parts[1]] = value
         elif len(parts) >= 3:
             triples.setdefault(parts[0], {}).setdefault("/".join(parts[1:-1]), {})[parts[-1]] = value
-    out = []
+    kv_columns, texts = [], []
     if scalars:
         numbers = [(k, v) for k, v in scalars.items() if not isinstance(v, str) or len(v) <= 40]
         texts = [(k, v) for k, v in scalars.items() if isinstance(v, str) and len(v) > 40]
         per_col = max(1, math.ceil(len(numbers) / 3))
-        cols = [numbers[i:i + per_col] for i in range(0, len(numbers), per_col)]
-        out.append('<div class="kv">' + "".join(hp.table(["metric", "value"], rows) for rows in cols) + "</div>")
-        if texts:
-            out.append(hp.table(["metric", "value"], texts))
+        kv_columns = [numbers[i:i + per_col] for i in range(0, len(numbers), per_col)]
     # 2-level keys: groups sharing the same columns share a table (e.g. fid/<method>, kid/<method>)
     by_columns: dict[tuple[str, ...], list[str]] = {}
     for group, row in pairs.items():
         by_columns.setdefault(tuple(row), []).append(group)
-    for columns, groups in by_columns.items():
-        out.append(hp.table(["", *columns], [[g, *(pairs[g][c] for c in columns)] for g in groups]))
+    pair_tables = [(["", *columns], [[g, *(pairs[g][c] for c in columns)] for g in groups])
+                   for columns, groups in by_columns.items()]
+    triple_tables = []
     for group, rows in triples.items():
         columns = list(dict.fromkeys(c for row in rows.values() for c in row))
-        out.append(f"<h3>{hp.esc(group)}</h3>")
-        out.append(hp.table(["", *columns], [[r, *(row.get(c) for c in columns)] for r, row in rows.items()]))
-    return "\n".join(out)
+        triple_tables.append((group, ["", *columns], [[r, *(row.get(c) for c in columns)] for r, row in rows.items()]))
+    return hp.component("metric_tables")(kv_columns, texts, pair_tables, triple_tables)
 
 
 def headlines(metrics_by_stage: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str, Any]]:
@@ -227,13 +228,11 @@ def headlines(metrics_by_stage: Mapping[str, Mapping[str, Any]]) -> list[tuple[s
 SKIP_KEYS = ("status", "reason", "how_to", "converted", "message", "how")
 
 
-def skip_note(metrics: Mapping[str, Any]) -> str | None:
-    """Stages that ran without their inputs (SD without weights) say so in their metrics."""
+def skip_note(metrics: Mapping[str, Any]) -> dict[str, str] | None:
+    """``{reason, how}`` when a stage ran without its inputs (SD without weights): its metrics say so."""
     if metrics.get("status") == "skipped" or metrics.get("converted") is False:
-        reason = metrics.get("reason") or metrics.get("message") or "skipped"
-        how = metrics.get("how_to") or metrics.get("how") or ""
-        return (f'<div class="note"><b>Skipped:</b> {hp.esc(reason)}'
-                + (f"<br><b>How to run it:</b> {hp.esc(how)}" if how else "") + "</div>")
+        return {"reason": str(metrics.get("reason") or metrics.get("message") or "skipped"),
+                "how": str(metrics.get("how_to") or metrics.get("how") or "")}
     return None
 
 
@@ -301,10 +300,11 @@ def image_files(root: Path, plot: Plot) -> list[Path]:
     return files
 
 
-def data_plot_html(plot: Plot, tables: Mapping[str, Mapping[str, list[float]]]) -> str:
+def data_plot_html(plot: Plot, tables: Mapping[str, Mapping[str, list[float]]]) -> hp.Markup | None:
+    """A data plot as a captioned chart (None when its files hold none of its columns)."""
     series = plot_series(plot, tables)
     if not series:
-        return ""
+        return None
     x_name = next(iter(series.values()))[0]
     lines = [hp.Series(label, xs, ys) for label, (_, xs, ys) in series.items()]
     ylabel = next(iter(series)) if len(series) == 1 else ""
@@ -327,20 +327,12 @@ class RunRef:
     checked: bool = True  # there were numbers to match on (False: the newest run, unchecked)
 
 
-def _norm_metrics(flat: Mapping[str, Any]) -> dict[str, float]:
-    """Metric names as the stages log them to MLflow: nested keys joined with '.', '/' -> '.'."""
-    out = {}
-    for key, value in flat.items():
-        if isinstance(value, bool):
-            value = float(value)
-        if is_number(value):
-            out[key.replace("/", ".")] = float(value)
-    return out
-
-
 def metrics_match(logged: Mapping[str, float], metrics: Mapping[str, Any]) -> bool:
-    """True when every metric both sides have agrees (to the 4-5 digits metrics.json rounds to)."""
-    expected = _norm_metrics(flatten_metrics(metrics))
+    """True when every metric both sides have agrees (to the 4-5 digits metrics.json rounds to).
+
+    ``metrics`` (a metrics.json, nested or with ``a/b`` keys) is named as the stages log it to
+    MLflow: :func:`~diffmodels.core.tracking.metric_values`, the one rule they all use."""
+    expected = tracking.metric_values(metrics)
     shared = [k for k in expected if k in logged]
     return bool(shared) and all(math.isclose(logged[k], expected[k], rel_tol=1e-4, abs_tol=1e-6) for k in shared)
 
@@ -361,7 +353,7 @@ def pick_run(runs: Sequence[Any], metrics: Mapping[str, Any], exp_name: str | No
 
     best = max(runs, key=rank)
     matched = rank(best)[0]
-    checked = bool(_norm_metrics(flatten_metrics(metrics or {})))
+    checked = bool(tracking.metric_values(metrics or {}))
     return RunRef(best.info.run_id, best.info.experiment_id, best.info.artifact_uri, best.info.start_time or 0,
                   dict(best.data.tags), matched, checked)
 
@@ -390,19 +382,16 @@ def ui_base(tracking_uri: str) -> str:
     return "http://127.0.0.1:5000"
 
 
-def run_link(ref: RunRef | None, tracking_uri: str) -> str:
-    if ref is None:
-        return '<span class="muted">no MLflow run found</span>'
-    url = f"{ui_base(tracking_uri)}/#/experiments/{ref.experiment_id}/runs/{ref.run_id}"
-    parts = [f'<a href="{hp.esc(url)}">MLflow run {hp.esc(ref.run_id[:8])}</a>']
-    if ref.artifact_uri.startswith("file:"):
-        parts.append(f'<a href="{hp.esc(ref.artifact_uri)}">artifacts</a>')
-    if ref.tags.get("dvc_exp_name"):
-        parts.append(f"experiment {hp.esc(ref.tags['dvc_exp_name'])}")
-    if not ref.matched:
-        parts.append('<span class="muted">(newest run of this stage'
-                     + ("; its metrics differ from these)" if ref.checked else ")") + "</span>")
-    return " &middot; ".join(parts)
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link into the MLflow UI, on the training-runs view (not MLflow 3's GenAI overview:
+    :data:`~diffmodels.core.tracking.UI_RUNS_VIEW`)."""
+    path = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{ui_base(tracking_uri)}{path}?{tracking.UI_RUNS_VIEW}"
+
+
+def run_link(ref: RunRef | None, tracking_uri: str) -> hp.Markup:
+    url = ui_url(tracking_uri, ref.experiment_id, ref.run_id) if ref is not None else ""
+    return hp.component("run_link")(ref, url)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,36 +428,43 @@ def fid_rows(metrics_by_stage: Mapping[str, Mapping[str, Any]]) -> list[tuple[st
 
 
 def fid_tsv(rows: Sequence[tuple[str, float, float | None]]) -> str:
-    lines = ["sampler\tfid\tkid"] + [f"{n}\t{f:.6g}\t{'' if k is None else f'{k:.6g}'}" for n, f, k in rows]
-    return "\n".join(lines) + "\n"
+    """``reports/fid.tsv`` (sampler, fid, kid; 6 significant digits), drawn by ``dvc plots``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(["sampler", "fid", "kid"])
+    writer.writerows([n, f"{f:.6g}", "" if k is None else f"{k:.6g}"] for n, f, k in rows)
+    return buf.getvalue()
 
 
-def _params_html(params: Mapping[str, Any]) -> str:
-    blocks = []
+def _params_rows(params: Mapping[str, Any]) -> tuple[list, list]:
+    """(top-level scalars, [(group, rows)]) of params.yaml for the page's parameter tables."""
     scalars = [(k, v) for k, v in params.items() if not isinstance(v, Mapping)]
-    if scalars:
-        blocks.append(hp.table(["param", "value"], scalars))
-    for group, values in params.items():
-        if isinstance(values, Mapping):
-            rows = [(k, v if not isinstance(v, (list, dict)) else json.dumps(v)) for k, v in flatten_metrics(values).items()]
-            blocks.append(f"<div><h3>{hp.esc(group)}</h3>{hp.table([group, 'value'], rows)}</div>")
-    return '<div class="kv">' + "".join(blocks) + "</div>"
+    groups = [(group, [(k, v if not isinstance(v, (list, dict)) else json.dumps(v))
+                       for k, v in flatten_metrics(values).items()])
+              for group, values in params.items() if isinstance(values, Mapping)]
+    return scalars, groups
 
 
-def text_with_tables(text: str) -> str:
-    """Plain text as <pre>, with its Markdown tables (``| a | b |`` lines) as HTML tables."""
-    out, plain, rows = [], [], []
+def markdown_tables(text: str) -> list[tuple]:
+    """Plain text and its Markdown tables (``| a | b |`` lines, ``|---|`` rules dropped) as blocks:
+    ``("pre", text)`` or ``("table", header, rows)``. Cells are read with the csv module (``|``
+    the delimiter; a ``\\|`` inside a cell stays a ``|``)."""
+    blocks: list[tuple] = []
+    plain: list[str] = []
+    rows: list[str] = []
 
     def flush_plain():
         if plain and any(line.strip() for line in plain):
-            out.append(f"<pre>{hp.esc(chr(10).join(plain).strip(chr(10)))}</pre>")
+            blocks.append(("pre", "\n".join(plain).strip("\n")))
         plain.clear()
 
     def flush_rows():
-        cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows
+        lines = [r.strip().removeprefix("|").removesuffix("|") for r in rows
                  if not set(r.replace("|", "").strip()) <= set("-: ")]
+        cells = [[c.strip() for c in row] for row in csv.reader(lines, delimiter="|", escapechar="\\",
+                                                                 quoting=csv.QUOTE_NONE)]
         if cells:
-            out.append(hp.table(cells[0], cells[1:]))
+            blocks.append(("table", cells[0], cells[1:]))
         rows.clear()
 
     for line in text.splitlines():
@@ -480,96 +476,85 @@ def text_with_tables(text: str) -> str:
             plain.append(line)
     flush_rows()
     flush_plain()
-    return "\n".join(out)
+    return blocks
 
 
-def _bench_html(bench_dir: Path) -> str:
-    parts = []
+def text_with_tables(text: str) -> hp.Markup:
+    """Plain text as <pre>, with its Markdown tables as HTML tables."""
+    return hp.component("text_blocks")(markdown_tables(text))
+
+
+def _bench_items(bench_dir: Path) -> list[dict]:
+    """The benchmarks section: text reports (with their tables), figures, JSON without a text twin."""
+    items = []
     files = sorted(bench_dir.iterdir()) if bench_dir.is_dir() else []
     stems_with_text = {f.stem for f in files if f.suffix == ".txt"}
     for f in files:
         if f.suffix == ".txt":
-            parts.append(f"<h3>{hp.esc(f.name)}</h3>{text_with_tables(f.read_text(errors='replace'))}")
+            items.append({"kind": "text", "name": f.name, "body": text_with_tables(f.read_text(errors="replace"))})
         elif f.suffix.lower() in hp.IMAGE_TYPES:
-            parts.append(hp.figure(f.read_bytes(), f.name, hp.IMAGE_TYPES[f.suffix.lower()]))
+            items.append({"kind": "figure", "name": f.name,
+                          "body": hp.figure(f.read_bytes(), f.name, hp.IMAGE_TYPES[f.suffix.lower()])})
         elif f.suffix == ".json" and f.stem not in stems_with_text:
-            parts.append(f"<details><summary>{hp.esc(f.name)}</summary><pre>{hp.esc(f.read_text(errors='replace'))}</pre></details>")
-    return "\n".join(parts)
+            items.append({"kind": "json", "name": f.name, "body": f.read_text(errors="replace")})
+    return items
 
 
-def stage_section(inputs: ReportInputs, stage: Stage) -> str:
+def stage_view(inputs: ReportInputs, stage: Stage) -> dict[str, Any]:
+    """What the page shows of one stage: run link, skip note, metric tables, charts, images."""
     root = inputs.root
     metrics = inputs.metrics.get(stage.name, {})
-    body = [f'<section id="{hp.esc(stage.name)}"><h2>{hp.esc(stage.name)}</h2>',
-            f'<div class="muted">{run_link(inputs.runs.get(stage.name), inputs.tracking_uri)}</div>']
     note = skip_note(metrics)
     if note:
-        body.append(note)
         metrics = {k: v for k, v in metrics.items() if k not in SKIP_KEYS}
-    if metrics:
-        body.append(metric_tables(metrics))
-    elif stage.metrics:
-        body.append('<p class="muted">no metrics yet (the stage has not run)</p>')
     tables = {}
     for plot in stage.plots:
         for file in plot.y:
             path = root / file
             if path.is_file():
                 tables[file] = read_table(path.read_text(), "," if file.endswith(".csv") else "\t")
-    charts = [data_plot_html(p, tables) for p in stage.plots if not p.is_image]
-    if any(charts):
-        body.append("<div>" + "".join(charts) + "</div>")
+    charts = [c for c in (data_plot_html(p, tables) for p in stage.plots if not p.is_image) if c]
+    image_groups = []
+    report_dir = root / stage.report_dir
     for plot in stage.plots:
         if plot.is_image:
             files = image_files(root, plot)
             if files:
-                figs = "".join(hp.figure(f.read_bytes(), str(f.relative_to(root / stage.report_dir))
-                                         if f.is_relative_to(root / stage.report_dir) else f.name,
-                                         hp.IMAGE_TYPES[f.suffix.lower()]) for f in files)
-                body.append(f"<div>{figs}</div>")
-    body.append("</section>")
-    return "\n".join(body)
+                image_groups.append([hp.figure(f.read_bytes(),
+                                               str(f.relative_to(report_dir)) if f.is_relative_to(report_dir) else f.name,
+                                               hp.IMAGE_TYPES[f.suffix.lower()]) for f in files])
+    return {"name": stage.name, "run_link": run_link(inputs.runs.get(stage.name), inputs.tracking_uri),
+            "skip": note, "tables": metric_tables(metrics) if metrics else None,
+            "expects_metrics": bool(stage.metrics), "charts": charts, "image_groups": image_groups}
 
 
 def render_index(inputs: ReportInputs, skip: Iterable[str] = ("report",)) -> str:
     """The whole ``reports/index.html``."""
     skip = set(skip)
     stages = [s for s in inputs.stages if s.name not in skip]
-    ctx = inputs.context
-    subtitle = " &middot; ".join(hp.esc(f"{k} {v}") for k, v in ctx.items() if v)
-    summary = ['<section id="summary"><h2>Summary</h2><div class="cards">']
-    for label, stage, key, value in headlines({s.name: inputs.metrics.get(s.name, {}) for s in stages}):
-        summary.append(f'<div class="card" title="{hp.esc(stage)}: {hp.esc(key)}"><div class="v">{hp.esc(hp.fmt(value))}'
-                       f'</div><div class="k">{hp.esc(label)}</div></div>')
-    summary.append("</div>")
-    rows = fid_rows({s.name: inputs.metrics.get(s.name, {}) for s in stages})
+    by_stage = {s.name: inputs.metrics.get(s.name, {}) for s in stages}
+    cards = [{"label": label, "stage": stage, "key": key, "value": value}
+             for label, stage, key, value in headlines(by_stage)]
+    rows = fid_rows(by_stage)
+    fid_figure = None
     if rows:
-        summary.append(hp.figure(hp.bar_chart([r[0] for r in rows], [r[1] for r in rows],
-                                              "FID per sampler / inpainting method (lower is better)", "FID"),
-                                 "FID per sampler"))
-    if inputs.compare_page:
-        summary.append(f'<p>Ablations: <a href="{hp.esc(inputs.compare_page)}">experiment comparison</a> '
-                       "(<code>python -m stages.compare</code> rebuilds it).</p>")
-    else:
-        summary.append('<p class="muted">Ablations: queue experiments with <code>dvc exp run --queue -S ...</code>, '
-                       "run <code>dvc queue start</code>, then <code>python -m stages.compare</code> writes "
-                       "<code>reports/compare.html</code>.</p>")
-    if inputs.tracking_error:
-        summary.append(f'<div class="note">{hp.esc(inputs.tracking_error)}</div>')
-    summary.append(f'<p class="muted">MLflow links open the MLflow UI: <code>mlflow ui --backend-store-uri '
-                   f'{hp.esc(inputs.tracking_uri)}</code>.</p></section>')
-    sections = ["\n".join(summary)]
-    sections += [stage_section(inputs, s) for s in stages]
+        fid_figure = hp.figure(hp.bar_chart([r[0] for r in rows], [r[1] for r in rows],
+                                            "FID per sampler / inpainting method (lower is better)", "FID"),
+                               "FID per sampler")
     nav = [("summary", "summary")] + [(s.name, s.name) for s in stages]
-    if inputs.bench_dir is not None:
-        bench = _bench_html(inputs.bench_dir)
-        if bench:
-            sections.append(f'<section id="benchmarks"><h2>Benchmarks</h2>{bench}</section>')
-            nav.append(("benchmarks", "benchmarks"))
-    sections.append(f'<section id="params"><h2>Parameters</h2><p class="muted">params.yaml of this run</p>'
-                    f"{_params_html(inputs.params)}</section>")
+    bench = _bench_items(inputs.bench_dir) if inputs.bench_dir is not None else []
+    if bench:
+        nav.append(("benchmarks", "benchmarks"))
     nav.append(("params", "params"))
-    return hp.page("diffmodels report", subtitle, "\n".join(sections), nav)
+    experiment_id = next((ref.experiment_id for ref in inputs.runs.values() if ref is not None), None)
+    param_scalars, param_groups = _params_rows(inputs.params)
+    return hp.render(
+        "report.html.j2", title="diffmodels report", nav=nav, context=inputs.context, cards=cards,
+        fid_figure=fid_figure, compare_page=inputs.compare_page, tracking_error=inputs.tracking_error,
+        tracking_uri=inputs.tracking_uri,
+        experiment_url=ui_url(inputs.tracking_uri, experiment_id) if experiment_id else None,
+        stages=[stage_view(inputs, s) for s in stages], bench=bench,
+        param_scalars=param_scalars, param_groups=param_groups)
 
 
 def report_metrics(inputs: ReportInputs) -> dict:
