@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -86,13 +85,6 @@ def inpaint_settings(p: InpaintParams, model: UNet, vae: VAE, schedule: NoiseSch
                 sdedit_t0=p.sdedit_t0, paste=p.paste_back)
 
 
-def method_run(stage, method: str):
-    """The MLflow child run of one method under the stage run ``stage``, tagged ``eval_inpaint/<method>``."""
-    tags = {**tracking.run_tags("eval_inpaint", tracking.project_root()), "stage": f"eval_inpaint/{method}",
-            "method": method}
-    return mlflow.start_run(experiment_id=stage.info.experiment_id, run_name=method, nested=True, tags=tags)
-
-
 def run(args) -> None:
     params = load_params(args.params)
     p, seed = params.inpaint, params.seed
@@ -116,10 +108,10 @@ def run(args) -> None:
                      "sampler": f"{p.sampler}-{p.ddim_steps if p.sampler == 'ddim' else T}"}
     extractor = InceptionFeatures()
 
-    with tracking.stage_run("eval_inpaint", params, GROUPS) as stage:
+    with tracking.stage_run("eval_inpaint", params, GROUPS):
         for method in p.methods:  # every method x every mask set: fidelity, seam, fills for FID/KID
             method_started, fills, examples = time.perf_counter(), [], {}
-            with method_run(stage, method):
+            with tracking.child_run(method, tags={"stage": f"eval_inpaint/{method}", "method": method}):
                 for name, result in evaluate_method(method, images, recon, masks, batch_size=p.batch_size, seed=seed,
                                                     process_points=PROCESS_POINTS, **settings):
                     metrics.update({f"{method}/{name}/{k}": v for k, v in result.scores.items()})
@@ -133,16 +125,16 @@ def run(args) -> None:
                 metrics.update({f"fid/{method}": round(fid["fid"], 3), f"kid/{method}": round(fid["kid_mean"], 5),
                                 f"seconds/{method}": round(time.perf_counter() - method_started, 1)})
                 tracking.log_metrics({"fid": fid["fid"], "kid": fid["kid_mean"]})
-                mlflow.set_tag("fid_extractor", EXTRACTOR)
+                tracking.set_tags({"fid_extractor": EXTRACTOR})
                 panel = inpaint_panel(out / "panels" / f"{method}.png", first, {k: m[0] for k, m in masks.items()},
                                       examples, title=f"{method} ({metrics['sampler']}, mask policy {p.mask_policy})")
                 if params.tracking.log_images:
-                    mlflow.log_artifact(str(panel), artifact_path="panels")
+                    tracking.log_artifact(str(panel), artifact_path="panels")
 
         metrics["seconds"] = round(time.perf_counter() - started, 1)
         write_json(out / "metrics.json", metrics)
         tracking.log_metrics(metrics)
-        mlflow.log_artifact(str(out / "metrics.json"))
+        tracking.log_artifact(str(out / "metrics.json"))
 
     best = min(p.methods, key=lambda m: metrics[f"fid/{m}"])
     print(f"eval_inpaint: {len(p.methods)} methods x {len(masks)} mask sets x {n} images; "

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -137,11 +136,11 @@ def run(args) -> None:
 
         write_json(args.reports / "metrics.json", metrics)
         tracking.log_metrics(metrics)
-        mlflow.set_tag("fid_extractor", EXTRACTOR)
-        mlflow.log_artifact(str(args.reports / "metrics.json"))
+        tracking.set_tags({"fid_extractor": EXTRACTOR})
+        tracking.log_artifact(str(args.reports / "metrics.json"))
         if params.tracking.log_images:
             for path in figures:
-                mlflow.log_artifact(str(path), artifact_path="figures")
+                tracking.log_artifact(str(path), artifact_path="figures")
 
     print(f"sample: {p.num_images} images per sampler; FID DDPM {metrics['fid_ddpm']:.1f}, DDIM-{p.ddim_steps} "
           f"{metrics['fid_ddim']:.1f} vs {len(real)} test images; {metrics['seconds_per_image_ddpm']:.2f} / "

@@ -25,7 +25,6 @@ import shutil
 import textwrap
 from pathlib import Path
 
-import mlflow
 import torch
 
 from diffmodels.core import tracking
@@ -58,8 +57,8 @@ def wrap(text: str, width: int = 28) -> str:
 def skip(args, reason: str) -> None:
     text_figure(args.reports / "figures" / "status.png", "sd_baselines: skipped", [reason, "", "To run it, " + HOW_TO])
     write_json(args.reports / "metrics.json", {"status": "skipped", "reason": reason, "how_to": HOW_TO})
-    mlflow.set_tag("sd_status", "skipped")
-    mlflow.log_artifact(str(args.reports / "metrics.json"))
+    tracking.set_tags({"sd_status": "skipped"})
+    tracking.log_artifact(str(args.reports / "metrics.json"))
     print(f"sd_baselines: skipped, {reason}")
 
 
@@ -132,13 +131,13 @@ def run(args) -> None:
             write_text(args.reports / "encoder_leakage.tsv", profile_table(leak.encoder))
 
         write_json(args.reports / "metrics.json", metrics)
-        mlflow.set_tags({"sd_status": "ran", "sd_device": metrics["device"], "sd_dtype": metrics["dtype"]})
+        tracking.set_tags({"sd_status": "ran", "sd_device": metrics["device"], "sd_dtype": metrics["dtype"]})
         tracking.log_metrics(metrics)
         for path in [args.reports / "metrics.json", *args.reports.glob("*.tsv")]:
-            mlflow.log_artifact(str(path))
+            tracking.log_artifact(str(path))
         if params.tracking.log_images:
             for path in figures:
-                mlflow.log_artifact(str(path), artifact_path="figures")
+                tracking.log_artifact(str(path), artifact_path="figures")
     print(f"sd_baselines: {len(p.prompts)} txt2img, {len(init)} img2img and inpainting, 2 anagrams at "
           f"{p.height}x{p.width} on {metrics['device']} ({metrics['dtype']}); "
           f"{metrics['txt2img_seconds_per_image']:.1f} s per txt2img image")
