@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from diffmodels.core import tracking
 from diffmodels.core.config import load_params
 from diffmodels.core.device import select_device
 from diffmodels.core.errors import CheckpointError
 from diffmodels.core.io import atomic_dir, write_json
+from diffmodels.core.progress import progress
 from diffmodels.data import latent_cache
 from diffmodels.data.datasets import SPLITS, load_split, sha256_file
 from diffmodels.models.vae import load_vae
@@ -51,7 +51,9 @@ def run(args) -> None:
         moments, images = {}, {}
         for split in SPLITS:
             data = load_split(args.prepared, split)
-            bar = lambda it, s=split: tqdm(it, desc=f"encode {s}", unit="batch", leave=False, mininterval=1.0)  # noqa: E731
+            def bar(batches, split=split):  # a bar on a terminal, a line every 5 % in logs
+                return progress(batches, desc=f"encode {split}", unit="batch")
+
             moments[split] = (*latent_cache.encode_images(vae, data.images, bs, device, bar), data.labels)
             images[split] = data.images
 
@@ -77,7 +79,8 @@ def run(args) -> None:
         }
         with atomic_dir(args.out) as tmp:
             for split, (mean, logvar, labels) in moments.items():
-                latent_cache.write_split(tmp / f"{split}.safetensors", mean, logvar, labels, {"split": split, "scale_factor": scale})
+                info = {"split": split, "scale_factor": scale}
+                latent_cache.write_split(tmp / f"{split}.safetensors", mean, logvar, labels, info)
             write_json(tmp / "manifest.json", manifest)
 
         metrics = {

@@ -4,7 +4,8 @@
         --prepared data/prepared --masks data/masks --reports reports/eval_leakage
 
 On the first ``leakage.num_images`` test images and every mask set of ``data.mask_sets``, with
-``leakage.samples`` replacements per image (hole tiles chosen by ``inpaint.mask_policy``): the decoder leakage profile (mean change of
+``leakage.samples`` replacements per image (hole tiles chosen by ``inpaint.mask_policy``): the
+decoder leakage profile (mean change of
 kept pixels vs their distance to the hole) with ``leak_mean`` and ``leak_radius_px``, and the
 encoder leakage profile (relative change of kept latent tiles vs tile distance), pooled per
 mask alignment (``aligned`` sets have edges on the 8-px latent grid, ``offset`` sets do not).

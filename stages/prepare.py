@@ -12,12 +12,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from diffmodels.core import tracking
 from diffmodels.core.config import load_params
 from diffmodels.core.errors import DataError
 from diffmodels.core.io import atomic_dir, write_json, write_text
+from diffmodels.core.progress import progress
 from diffmodels.data import datasets
 from diffmodels.data.images import make_grid, save_png
 from diffmodels.data.masks import write_mask_sets
@@ -45,8 +45,8 @@ def run(args) -> None:
     p, seed = params.data, params.seed
     started = time.perf_counter()
     with tracking.stage_run("prepare", params, GROUPS):
-        def bar(items, total):  # progress on a terminal, silent in logs and pipes
-            return tqdm(items, total=total, desc="decode", unit="img", leave=False, mininterval=1.0, disable=None)
+        def bar(items, total):  # a bar on a terminal, a line every 5 % in logs
+            return progress(items, total=total, desc="decode", unit="img")
 
         if p.dataset == "fashion_mnist":
             collected = datasets.collect_fashion_mnist(args.raw, p.labels, p.resolution, p.channels, progress=bar)
@@ -65,7 +65,9 @@ def run(args) -> None:
         splits = datasets.make_splits(collected, p, seed)
         for name, split in splits.items():
             if len(split.images) == 0:
-                raise DataError(f"the {name} split is empty ({usable} usable images); lower data.{name}_fraction caps or add images")
+                raise DataError(
+                    f"the {name} split is empty ({usable} usable images); lower data.{name}_fraction caps or add images"
+                )
         info = {"source": collected.description, "skipped": len(collected.skipped), "seed": seed}
         with atomic_dir(args.prepared) as tmp:
             manifest = datasets.write_prepared(tmp, splits, collected.class_names, info)

@@ -190,13 +190,29 @@ def test_progress_logs_a_line_every_few_percent_when_not_a_terminal():
     from diffmodels.core.progress import progress
 
     stream = io.StringIO()  # not a TTY, as under `dvc repro > log`
-    assert list(progress(range(100), desc="train", unit="step", stream=stream)) == list(range(100))
+    ticks = iter(range(0, 10_000, 3))  # a clock advancing 3 s per reading: slower than min_interval_s
+    items = progress(range(100), desc="train", unit="step", stream=stream, clock=lambda: next(ticks))
+    assert list(items) == list(range(100))
     lines = stream.getvalue().splitlines()
     assert len(lines) == 20  # every 5 %
     assert lines[0].startswith("train: 5/100 step (5%") and lines[-1].startswith("train: 100/100 step (100%")
     assert "\r" not in stream.getvalue()
     quiet = io.StringIO()
     assert list(progress(range(3), stream=quiet, enabled=False)) == [0, 1, 2] and quiet.getvalue() == ""
+    fast = io.StringIO()  # a loop over in a blink says nothing (real clock, min_interval_s = 2)
+    assert list(progress(range(50), stream=fast)) == list(range(50)) and fast.getvalue() == ""
+
+
+def test_progress_lines_are_at_least_min_interval_apart():
+    import io
+
+    from diffmodels.core.progress import progress
+
+    stream = io.StringIO()
+    ticks = iter([0.5 * i for i in range(1000)])  # 0.5 s per clock reading
+    list(progress(range(100), desc="x", stream=stream, min_interval_s=4.0, clock=lambda: next(ticks)))
+    lines = stream.getvalue().splitlines()
+    assert 3 <= len(lines) < 20 and lines[-1].startswith("x: 100/100")
 
 
 def test_progress_resumed_bar_counts_from_its_start():
@@ -205,7 +221,8 @@ def test_progress_resumed_bar_counts_from_its_start():
     from diffmodels.core.progress import progress_bar
 
     stream = io.StringIO()
-    bar = progress_bar(10, "train", "step", initial=6, stream=stream)
+    ticks = iter(range(0, 1000, 5))
+    bar = progress_bar(10, "train", "step", initial=6, stream=stream, clock=lambda: next(ticks))
     for _ in range(4):
         bar.update()
     bar.close()

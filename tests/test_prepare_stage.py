@@ -83,8 +83,10 @@ def test_too_few_images_fails_clearly_and_reports_why(tmp_path, image_folder, wr
     params = write_params({**FOLDER_PARAMS, "data.source": str(image_folder), "data.min_images": 60})
     result = run_prepare(tmp_path, params, mlflow_store)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: only 50 usable images in folder")
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    # progress lines ("decode: 50/56 img ...") may come first; the error is one line, the last
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("error: only 50 usable images in folder") and "Traceback" not in result.stderr
+    assert [line for line in lines if not line.startswith("decode: ")] == lines[-1:]
     assert (tmp_path / "out/reports/skipped.csv").exists(), "the skip report explains the failure"
     assert not (tmp_path / "out/prepared").exists()
     mlflow.set_tracking_uri(mlflow_store)

@@ -178,7 +178,8 @@ def test_read_pipeline_attaches_top_level_plots_to_their_stage(tmp_path):
     stages = {s.name: s for s in report.read_pipeline(write(tmp_path / "dvc.yaml", PIPELINE))}
     leak = [p for p in stages["eval_leakage"].plots if p.name == "decoder_leakage"]
     assert len(leak) == 1 and leak[0].y == {"reports/eval_leakage/decoder_leakage.tsv": ["aligned", "offset"]}
-    assert [p.name for p in stages["train_vae"].plots] == ["reports/train_vae/loss.tsv", "reports/train_vae/reconstructions.png", "vae_val"]
+    names = ["reports/train_vae/loss.tsv", "reports/train_vae/reconstructions.png", "vae_val"]
+    assert [p.name for p in stages["train_vae"].plots] == names
     assert [p.is_image for p in stages["train_vae"].plots] == [False, True, False]
     assert stages["sample"].plots[0].is_image and stages["sample"].report_dir == "reports/sample"
 
@@ -266,7 +267,8 @@ def test_report_page_and_metrics(project):
     assert everything["fid"] == {"sample: ddim": {"fid": 120.0, "kid": 0.12}, "sample: ddpm": {"fid": 100.0, "kid": 0.1}}
     assert all(r["matched_metrics"] for r in everything["mlflow_runs"].values())
     assert everything["params"]["vae"]["decoder_kernel"] == 3
-    assert (project.root / "reports/fid.tsv").read_text() == "sampler\tfid\tkid\nsample: ddpm\t100\t0.1\nsample: ddim\t120\t0.12\n"
+    expected = "sampler\tfid\tkid\nsample: ddpm\t100\t0.1\nsample: ddim\t120\t0.12\n"
+    assert (project.root / "reports/fid.tsv").read_text() == expected
     mlflow.set_tracking_uri(project.uri)
     runs = mlflow.search_runs(experiment_names=["diffmodels"], filter_string="tags.stage = 'report'", output_format="list")
     assert len(runs) == 1 and runs[0].data.metrics["fid.sample.ddim"] == 120.0

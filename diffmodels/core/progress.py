@@ -3,7 +3,8 @@
 Under ``dvc repro > log``, a queue worker or CI, stderr is not a terminal: tqdm's carriage-return
 bar would either be suppressed (``disable=None``) or fill the log with partial lines. There
 :func:`progress` prints one ordinary line each time another ``every_percent`` of the work is done
-(and at the end), with the rate and the estimated time left, so a log shows a stage is alive.
+(and at the end), with the rate and the estimated time left, so a log shows a stage is alive;
+at most one line per ``min_interval_s`` seconds, so a loop that finishes in a blink prints nothing.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ class LogProgress:
     """The non-terminal stand-in for a tqdm bar: same ``update``/``set_postfix``/``close`` calls."""
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every_percent: float = 5.0,
-                 stream: TextIO | None = None, clock=time.monotonic):
+                 min_interval_s: float = 2.0, stream: TextIO | None = None, clock=time.monotonic):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.every = max(1, round(total * every_percent / 100))
         self.stream = stream if stream is not None else sys.stderr
+        self.min_interval_s = min_interval_s
         self._clock, self._started, self._start_n = clock, clock(), initial
+        self._last_emit, self._emitted_n = self._started, initial
         self._next = (initial // self.every + 1) * self.every
         self._postfix = ""
         self._closed = False
@@ -34,14 +37,17 @@ class LogProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         if self.n >= self._next or self.n >= self.total:
-            self._emit()
+            if self._clock() - self._last_emit >= self.min_interval_s:
+                self._emit()
             self._next = (self.n // self.every + 1) * self.every
 
     def set_postfix(self, refresh: bool = False, **values: Any) -> None:
         self._postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def _emit(self) -> None:
-        elapsed = self._clock() - self._started
+        now = self._clock()
+        self._last_emit, self._emitted_n = now, self.n
+        elapsed = now - self._started
         done = self.n - self._start_n
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.n) / rate if rate > 0 else float("nan")
@@ -52,13 +58,15 @@ class LogProgress:
               file=self.stream, flush=True)
 
     def close(self) -> None:
-        if not self._closed and self.n < self.total and self.n > self._start_n and self.n % self.every:
+        """A last line for a loop that ran long enough to be reported and stopped between lines."""
+        long_enough = self._clock() - self._started >= self.min_interval_s
+        if not self._closed and long_enough and self.n != self._emitted_n:
             self._emit()
         self._closed = True
 
 
 def progress_bar(total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True,
-                 stream: TextIO | None = None) -> tqdm | LogProgress:
+                 stream: TextIO | None = None, **log_options: Any) -> tqdm | LogProgress:
     """A tqdm bar on a terminal, :class:`LogProgress` lines otherwise; silent when not ``enabled``
     (e.g. on ranks other than 0)."""
     stream = stream if stream is not None else sys.stderr
@@ -66,15 +74,15 @@ def progress_bar(total: int, desc: str, unit: str = "it", initial: int = 0, enab
         return tqdm(total=total, initial=initial, disable=True)
     if getattr(stream, "isatty", lambda: False)():
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, mininterval=1.0, file=stream)
-    return LogProgress(total, desc, unit, initial=initial, stream=stream)
+    return LogProgress(total, desc, unit, initial=initial, stream=stream, **log_options)
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it",
-             enabled: bool = True, stream: TextIO | None = None) -> Iterator[T]:
+             enabled: bool = True, stream: TextIO | None = None, **log_options: Any) -> Iterator[T]:
     """Iterate ``items`` while showing progress (see the module docstring)."""
     if total is None:
         total = len(items)  # type: ignore[arg-type]
-    bar = progress_bar(total, desc, unit, enabled=enabled, stream=stream)
+    bar = progress_bar(total, desc, unit, enabled=enabled, stream=stream, **log_options)
     try:
         for item in items:
             yield item
