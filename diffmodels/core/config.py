@@ -134,7 +134,7 @@ class VaeParams:
     steps: Count
     batch_size: Count
     grad_clip: Annotated[float, Range(gt=0.0)]
-    amp: bool
+    amp: Literal["auto", "bf16", "fp16", "off"]
     device: Literal["auto", "cpu", "cuda", "mps"]
     # Bookkeeping
     checkpoint_every: Count
