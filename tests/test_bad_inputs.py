@@ -77,7 +77,8 @@ def test_bad_params_stop_the_stage_before_it_writes(tmp_path, capsys, stage, ove
     main = {"prepare": prepare.main, "train_vae": train_vae.main, "train_ddpm": train_ddpm.main}[stage]
     argv = {"prepare": ["--prepared", "p", "--masks", "m", "--reports", "r", "--raw", "w"],
             "train_vae": ["--prepared", "p", "--out", "o/vae.safetensors", "--reports", "r", "--checkpoints", "c"],
-            "train_ddpm": ["--latents", "l", "--out", "o/ddpm.safetensors", "--reports", "r", "--checkpoints", "c"]}[stage]
+            "train_ddpm": ["--latents", "l", "--vae", "v", "--prepared", "p", "--out", "o/ddpm.safetensors",
+                           "--reports", "r", "--checkpoints", "c"]}[stage]
     argv = ["--params", str(params), *(str(tmp_path / a) if i % 2 else a for i, a in enumerate(argv))]
     assert one_line_exit_2(main, argv, capsys) == f"{params}: {message}"
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"], "nothing written"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -49,6 +50,15 @@ def work(tmp_path_factory, store):
     with single_thread():
         train_ddpm.main(ddpm_args(root, root / "straight"))
     return root
+
+
+def after_progress(err: str) -> str:
+    """stderr without the training loop's progress lines (``train_ddpm: 12/30 step (40%, ...)``,
+    printed when stderr is not a terminal), which must all come first."""
+    lines = err.splitlines(keepends=True)
+    progress = [line for line in lines if re.match(r"train_\w+: \d+/\d+ step \(", line)]
+    assert lines[:len(progress)] == progress, err
+    return "".join(lines[len(progress):])
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -157,7 +167,7 @@ def test_sigterm_saves_the_step_marks_the_run_killed_and_resumes_exactly(work, s
     with pytest.raises(SystemExit) as exit_info:
         train_ddpm.main(ddpm_args(work, out))
     assert exit_info.value.code == 143
-    assert capsys.readouterr().err == (
+    assert after_progress(capsys.readouterr().err) == (
         f"interrupted by SIGTERM at step 13: checkpoint saved to {out / CKPT}; rerun the stage to resume\n"
     )
     assert load_checkpoint(out / CKPT).meta["step"] == 13, "the step in flight finished, then was saved"
@@ -290,7 +300,7 @@ def test_disk_full_during_a_training_checkpoint(work, store, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exit_info:
         train_ddpm.main(ddpm_args(work, out))
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (
+    assert after_progress(capsys.readouterr().err) == (
         f"error: {out / CKPT}: cannot write (No space left on device); the previous file, if any, is unchanged. "
         "Free disk space or fix permissions, then rerun\n"
     )

@@ -103,7 +103,7 @@ def test_non_finite_loss_is_a_clear_error(tmp_path):
 
 
 def test_cpu_precision_is_float32():
-    precision = Precision.choose(select_device("cpu"), amp=True)
+    precision = Precision.from_mode(select_device("cpu"), "auto")
     assert precision.name == "float32" and precision.scaler is None
     with precision.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

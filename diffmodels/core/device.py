@@ -1,8 +1,9 @@
-"""Where models run: device selection (cuda, then mps, then cpu) and an eval-mode context."""
+"""Where models run: device selection (cuda, then mps, then cpu), an eval-mode context, peak memory."""
 
 from __future__ import annotations
 
 import contextlib
+import resource
 from collections.abc import Iterator
 
 import torch
@@ -36,3 +37,11 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             yield model
     finally:
         model.train(was_training)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this run in MiB: CUDA's allocator peak on a GPU, else the whole process's
+    peak resident set (Linux reports ``ru_maxrss`` in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

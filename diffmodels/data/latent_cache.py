@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from diffmodels.core.checkpoint import load_checkpoint, save_checkpoint
+from diffmodels.core.device import evaluating
 from diffmodels.core.errors import DataError
-from diffmodels.data.images import to_model_range, to_unit_range
+from diffmodels.data.images import make_grid, to_model_range, to_uint8, to_unit_range
 from diffmodels.models.vae import VAE
 
 FORMAT = "diffmodels-latents/1"
@@ -118,6 +119,19 @@ def metrics_from_latents(
     for sl, x_hat in decode_latents(vae, mean, batch_size, device):
         metrics.update(images[sl], x_hat)
     return metrics.compute()
+
+
+def recon_grid(vae: VAE, images: np.ndarray, device: torch.device, ncol: int = 8) -> np.ndarray:
+    """Rows of ``images`` (uint8 (N, H, W, C)) each followed by a row of their reconstructions
+    (decode of the posterior mean), tiled into one uint8 image; eval mode, one batch."""
+    with evaluating(vae):
+        # np.array copies: images may be a read-only memmap, which torch.from_numpy warns about
+        x = to_model_range(torch.from_numpy(np.array(images))).to(device)
+        recon = to_uint8(vae.decode(vae.encode(x)[0])).cpu().numpy()
+    rows = []
+    for i in range(0, len(images), ncol):
+        rows += [images[i:i + ncol], recon[i:i + ncol]]
+    return make_grid(np.concatenate(rows), ncol=min(ncol, len(images)))
 
 
 def scale_factor(train_means: torch.Tensor) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -41,3 +43,10 @@ class EMA:
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights into ``model`` (e.g. a copy used for sampling)."""
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+    def averaged(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` holding the averaged weights, in eval mode (for sampling); ``model``
+        itself is left as it is."""
+        copied = copy.deepcopy(model)
+        self.copy_to(copied)
+        return copied.eval()

@@ -16,14 +16,6 @@ class Precision:
     dtype: torch.dtype | None  # None = float32, no autocast
     scaler: torch.amp.GradScaler | None
 
-    @classmethod
-    def choose(cls, device: torch.device, amp: bool) -> Precision:
-        if not amp or device.type != "cuda":
-            return cls(device, None, None)
-        if torch.cuda.is_bf16_supported():
-            return cls(device, torch.bfloat16, None)
-        return cls(device, torch.float16, torch.amp.GradScaler("cuda"))
-
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
@@ -31,11 +23,12 @@ class Precision:
 
     @classmethod
     def from_mode(cls, device: torch.device, mode: str) -> Precision:
-        """``auto`` (as :meth:`choose` with amp on), ``bf16``, ``fp16`` or ``off``; autocast on CUDA only."""
-        if mode == "auto":
-            return cls.choose(device, True)
+        """``auto`` (bf16 where the GPU supports it, else fp16), ``bf16``, ``fp16`` or ``off``;
+        autocast on CUDA only, so the CPU and MPS train in float32 whatever the mode."""
         if mode == "off" or device.type != "cuda":
             return cls(device, None, None)
+        if mode == "auto":
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if mode == "bf16":
             return cls(device, torch.bfloat16, None)
         if mode == "fp16":

@@ -1,6 +1,6 @@
-"""Reusable training-loop pieces: device and precision, LR schedule, data order, resumable state.
+"""Resumable training state: the data order, the checkpointed state and the fingerprint that guards it.
 
-Resume contract (SPEC 10)
+Resume contract
     :class:`TrainState` bundles everything that determines the next step: model, optimizer,
     LR scheduler, GradScaler (fp16 only), the data sampler's position, the noise generator and
     the global torch RNG. :meth:`TrainState.save` writes it atomically into one safetensors
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from diffmodels.core.checkpoint import (
     Checkpoint,
@@ -28,16 +29,6 @@ from diffmodels.core.checkpoint import (
     split_tensors,
 )
 from diffmodels.core.errors import CheckpointError, DiffmodelsError
-
-# --------------------------------------------------------------------------------------------
-# Device and precision
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Learning-rate schedule
-# --------------------------------------------------------------------------------------------
-
 
 # --------------------------------------------------------------------------------------------
 # Data order
@@ -90,13 +81,42 @@ def fingerprint(inputs: Any) -> str:
 
 
 def file_digest(paths: list[str | Path]) -> dict[str, str]:
-    """``{path: sha256}`` for files that exist (code and data identities for :func:`fingerprint`)."""
+    """``{path: sha256}`` of files (code identities for :func:`fingerprint`).
+
+    A missing file is an error, not a silent skip: a fingerprint without it would let a
+    checkpoint resume under code it was not written with.
+    """
     out = {}
     for p in paths:
         p = Path(p)
-        if p.is_file():
-            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+        if not p.is_file():
+            raise DiffmodelsError(f"{p}: no such file, but the resume fingerprint needs it; fix the path")
+        out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def code_files(stage: str, project: str | Path) -> list[Path]:
+    """The Python files ``dvc.yaml`` (in ``project``) lists as deps of ``stage``: its code.
+
+    The code part of a training stage's fingerprint is the code DVC reruns the stage for, so the
+    two cannot drift apart. Data deps (folders, weights) are left out: the stage puts its data's
+    identity (a manifest sha, a latent scale) into the fingerprint itself. A listed file that is
+    missing is an error naming it.
+    """
+    project = Path(project)
+    pipeline = project / "dvc.yaml"
+    try:
+        stages = yaml.safe_load(pipeline.read_text())["stages"]
+        deps = stages[stage].get("deps", [])
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise DiffmodelsError(f"{pipeline}: cannot read the deps of stage {stage} ({exc}); "
+                              "run the stage from the project checkout") from None
+    files = [project / dep for dep in deps if str(dep).endswith(".py")]
+    missing = [str(f.relative_to(project)) for f in files if not f.is_file()]
+    if missing:
+        raise DiffmodelsError(f"{pipeline}: stage {stage} lists missing code deps {', '.join(missing)}; "
+                              "fix its deps list")
+    return files
 
 
 @dataclass
