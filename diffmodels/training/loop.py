@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -202,9 +201,9 @@ class Trainer:
         run = tracking.stage_run(s.stage, self.params, self.groups) if world.main else contextlib.nullcontext()
         with run, stop:
             if world.main:
-                mlflow.set_tags({"resumed_from_step": self.start_step, "device": str(world.device),
+                tracking.set_tags({"resumed_from_step": self.start_step, "device": str(world.device),
                                  "precision": self.precision.name, "world_size": world.size})
-                mlflow.log_params({**(run_params or {}), **flatten(self.params, ["distributed"])})
+                tracking.log_params({**(run_params or {}), **flatten(self.params, ["distributed"])})
             started = time.perf_counter()
             bar = progress_bar(s.steps, s.stage, unit="step", initial=self.start_step, enabled=world.main)
             rows = world.rows(state.sampler.batch_size)
@@ -258,7 +257,7 @@ class Trainer:
         loss_tsv = self.settings.reports / "loss.tsv"
         write_table(loss_tsv, self.settings.columns, self.state.extra["history"])
         for path in (loss_tsv, *result.artifacts):
-            mlflow.log_artifact(str(path))
+            tracking.log_artifact(str(path))
         self.settings.checkpoint.unlink(missing_ok=True)  # finished: the weights are the out now
         return result
 
@@ -278,5 +277,5 @@ def log_png(image: np.ndarray, artifact: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact).name
         save_png(path, image)
-        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact).parent))
+        tracking.log_artifact(str(path), artifact_path=str(Path(artifact).parent))
 
