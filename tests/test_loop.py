@@ -73,7 +73,8 @@ class Toy:
                          run_params={"toy.size": 4})
 
 
-def test_k_steps_resume_and_the_rest_equal_a_straight_run(project, mlflow_store, capsys):
+def test_k_steps_resume_and_the_rest_equal_a_straight_run(project, mlflow_store, capsys, monkeypatch):
+    monkeypatch.setattr("diffmodels.core.progress.MIN_INTERVAL_S", 0.0)  # a line per step, however fast
     straight = Toy(project, "a")
     straight.fit()
     out, err = capsys.readouterr()

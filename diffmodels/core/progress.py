@@ -17,17 +17,18 @@ from typing import Any, TextIO, TypeVar
 from tqdm import tqdm
 
 T = TypeVar("T")
+MIN_INTERVAL_S = 2.0  # seconds between two log lines at the least
 
 
 class LogProgress:
     """The non-terminal stand-in for a tqdm bar: same ``update``/``set_postfix``/``close`` calls."""
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every_percent: float = 5.0,
-                 min_interval_s: float = 2.0, stream: TextIO | None = None, clock=time.monotonic):
+                 min_interval_s: float | None = None, stream: TextIO | None = None, clock=time.monotonic):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.every = max(1, round(total * every_percent / 100))
         self.stream = stream if stream is not None else sys.stderr
-        self.min_interval_s = min_interval_s
+        self.min_interval_s = MIN_INTERVAL_S if min_interval_s is None else min_interval_s
         self._clock, self._started, self._start_n = clock, clock(), initial
         self._last_emit, self._emitted_n = self._started, initial
         self._next = (initial // self.every + 1) * self.every
