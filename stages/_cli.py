@@ -6,6 +6,7 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from diffmodels.core.errors import DiffmodelsError
 from diffmodels.core.interrupt import signals_raise
@@ -36,7 +37,12 @@ def stage_main(fn: Callable[[argparse.Namespace], None], parser: argparse.Argume
     return main
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, *paths: str, **helps: str) -> argparse.ArgumentParser:
+    """The stage's parser: ``--params`` and, for each name in ``paths`` (``"fid-reference"``), a
+    required path argument ``--fid-reference``. Paths have no defaults: they live in dvc.yaml only,
+    which passes every one. ``helps`` adds help texts by argument name (``fid_reference=...``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    for name in paths:
+        parser.add_argument(f"--{name}", type=Path, required=True, help=helps.get(name.replace("-", "_")))
     return parser

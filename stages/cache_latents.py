@@ -9,7 +9,6 @@ Layout and the exact scale-factor definition: :mod:`diffmodels.data.latent_cache
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,11 +25,7 @@ from stages._cli import base_parser, stage_main
 
 GROUPS = ("latents",)
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--prepared", type=Path, required=True)
-parser.add_argument("--vae", type=Path, required=True)
-parser.add_argument("--out", type=Path, required=True)
-parser.add_argument("--reports", type=Path, required=True)
+parser = base_parser(__doc__.splitlines()[0], "prepared", "vae", "out", "reports")
 parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
 
 

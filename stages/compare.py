@@ -20,10 +20,14 @@ from diffmodels.core.io import write_text
 from diffmodels.reporting import compare, report
 from stages._cli import base_parser, stage_main
 
-parser = base_parser(__doc__.splitlines()[0])
+parser = base_parser(
+    __doc__.splitlines()[0],
+    "out",
+    "dvc-yaml",
+    out="the page to write (reports/compare.html)",
+    dvc_yaml="the pipeline whose stages are compared (dvc.yaml)",
+)
 parser.add_argument("experiments", nargs="*", metavar="EXP", help="experiments to compare (default: all)")
-parser.add_argument("--out", type=Path, required=True, help="the page to write (reports/compare.html)")
-parser.add_argument("--dvc-yaml", type=Path, required=True, help="the pipeline whose stages are compared (dvc.yaml)")
 
 
 def run(args) -> None:

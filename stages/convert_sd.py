@@ -30,9 +30,7 @@ from stages._cli import base_parser, stage_main
 GROUPS = ("sd",)
 WEIGHTS = "sd.safetensors"
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--out", type=Path, required=True, help="folder for sd.safetensors and status.json")
-parser.add_argument("--reports", type=Path, required=True)
+parser = base_parser(__doc__.splitlines()[0], "out", "reports", out="folder for sd.safetensors and status.json")
 
 
 def run(args) -> None:

@@ -19,7 +19,6 @@ process). MLflow: one child run per method under the stage run.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,13 +50,7 @@ from stages._cli import base_parser, stage_main
 GROUPS = ("seed", "inpaint", "eval", "data")
 PROCESS_POINTS = 4  # decoded x0 estimates in the panels' process columns
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--ddpm", type=Path, required=True)
-parser.add_argument("--vae", type=Path, required=True)
-parser.add_argument("--prepared", type=Path, required=True)
-parser.add_argument("--masks", type=Path, required=True)
-parser.add_argument("--fid-reference", type=Path, required=True)
-parser.add_argument("--reports", type=Path, required=True)
+parser = base_parser(__doc__.splitlines()[0], "ddpm", "vae", "prepared", "masks", "fid-reference", "reports")
 
 
 def check(p: InpaintParams, num_steps: int) -> None:

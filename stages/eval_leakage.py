@@ -21,7 +21,6 @@ dvc.yaml).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,12 +39,15 @@ from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "leakage", "inpaint", "data")
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--vae", type=Path, required=True)
-parser.add_argument("--latents", type=Path, required=True, help="cache_latents' output (for the scale factor)")
-parser.add_argument("--prepared", type=Path, required=True)
-parser.add_argument("--masks", type=Path, required=True)
-parser.add_argument("--reports", type=Path, required=True)
+parser = base_parser(
+    __doc__.splitlines()[0],
+    "vae",
+    "latents",
+    "prepared",
+    "masks",
+    "reports",
+    latents="cache_latents' output (for the scale factor)",
+)
 
 
 def run(args) -> None:

@@ -10,7 +10,6 @@ the prepare stage) are used.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -24,9 +23,7 @@ from stages._cli import base_parser, stage_main
 
 GROUPS = ("eval",)
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--prepared", type=Path, required=True)
-parser.add_argument("--out", type=Path, required=True)
+parser = base_parser(__doc__.splitlines()[0], "prepared", "out")
 
 
 def run(args) -> None:

@@ -25,11 +25,7 @@ from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "data")
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--prepared", type=Path, required=True)
-parser.add_argument("--masks", type=Path, required=True)
-parser.add_argument("--reports", type=Path, required=True)
-parser.add_argument("--raw", type=Path, required=True, help="download cache")
+parser = base_parser(__doc__.splitlines()[0], "prepared", "masks", "reports", "raw", raw="download cache")
 
 
 def skipped_csv(rows: list[datasets.Skipped]) -> str:

@@ -23,11 +23,14 @@ from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "data", "vae", "latents", "ddpm", "sample", "inpaint", "eval", "sd")
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--html", type=Path, required=True)
-parser.add_argument("--metrics", type=Path, required=True)
-parser.add_argument("--fid", type=Path, required=True)
-parser.add_argument("--dvc-yaml", type=Path, required=True, help="the pipeline whose stages are reported")
+parser = base_parser(
+    __doc__.splitlines()[0],
+    "html",
+    "metrics",
+    "fid",
+    "dvc-yaml",
+    dvc_yaml="the pipeline whose stages are reported",
+)
 
 
 def run(args) -> None:

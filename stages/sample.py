@@ -48,12 +48,7 @@ from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "sample", "eval")
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--ddpm", type=Path, required=True)
-parser.add_argument("--vae", type=Path, required=True)
-parser.add_argument("--latents", type=Path, required=True)
-parser.add_argument("--fid-reference", type=Path, required=True)
-parser.add_argument("--reports", type=Path, required=True)
+parser = base_parser(__doc__.splitlines()[0], "ddpm", "vae", "latents", "fid-reference", "reports")
 
 
 def check(p: SampleParams, num_steps: int, class_names: list[str]) -> None:

@@ -43,11 +43,14 @@ from stages._cli import base_parser, stage_main
 GROUPS = ("seed", "sd", "leakage", "inpaint", "data")
 VAE_IMAGES = 32  # test images for the SD VAE's reconstruction metrics
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--models", type=Path, required=True, help="convert_sd's output folder")
-parser.add_argument("--prepared", type=Path, required=True)
-parser.add_argument("--masks", type=Path, required=True)
-parser.add_argument("--reports", type=Path, required=True)
+parser = base_parser(
+    __doc__.splitlines()[0],
+    "models",
+    "prepared",
+    "masks",
+    "reports",
+    models="convert_sd's output folder",
+)
 
 
 def wrap(text: str, width: int = 28) -> str:

@@ -58,11 +58,7 @@ STAGE = "train_vae"
 PROJECT = Path(__file__).resolve().parents[1]  # holds dvc.yaml, whose deps of this stage are its code
 GROUPS = ("seed", "vae", "latents")
 
-parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--prepared", type=Path, required=True)
-parser.add_argument("--out", type=Path, required=True)
-parser.add_argument("--reports", type=Path, required=True)
-parser.add_argument("--checkpoints", type=Path, required=True)
+parser = base_parser(__doc__.splitlines()[0], "prepared", "out", "reports", "checkpoints")
 parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                     help="stop after step N leaving a checkpoint, as a kill would (for tests)")
 
