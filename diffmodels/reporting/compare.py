@@ -1,4 +1,4 @@
-"""Ablations side by side: DVC experiments -> one HTML page (``python -m stages.compare``).
+"""Ablations side by side: DVC experiments -> one HTML page (``python3 -m stages.compare``).
 
 Sources
     ``dvc.api.exp_show`` lists the baseline and its experiments with their state; each one's

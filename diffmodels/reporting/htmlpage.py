@@ -2,7 +2,7 @@
 
 Everything a page shows is inside the one file (images as base64 ``data:`` URIs, CSS inline, no
 script), so it opens from disk, from an MLflow artifact or an e-mail attachment alike. Used by
-the report stage (``diffmodels.reporting.report``) and ``python -m stages.compare``
+the report stage (``diffmodels.reporting.report``) and ``python3 -m stages.compare``
 (``diffmodels.reporting.compare``).
 
 The markup lives in Jinja templates shipped with the package (``templates/*.html.j2``, the CSS
