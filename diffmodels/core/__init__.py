@@ -1,0 +1,1 @@
+"""Foundations every layer uses: errors, atomic I/O, typed params, checkpoints, MLflow tracking, progress, signals, devices."""

@@ -1,0 +1,1 @@
+"""Diffusion maths: noise schedules, samplers and guidance, batched sampling, inpainting, the training objective, the denoiser file."""
