@@ -1,1 +1,2 @@
-"""Diffusion maths: noise schedules, samplers and guidance, batched sampling, inpainting, the training objective, the denoiser file."""
+"""Diffusion maths: noise schedules, samplers and guidance, batched sampling, inpainting, the
+training objective, the denoiser weights file."""
