@@ -1,4 +1,4 @@
-"""Faults during a run (SPEC 10, issue 10): SIGKILL, SIGTERM, Ctrl-C, a disk that fills mid-save, and
+"""Faults during a run: SIGKILL, SIGTERM, Ctrl-C, a disk that fills mid-save, and
 several processes writing one MLflow store at once."""
 
 from __future__ import annotations

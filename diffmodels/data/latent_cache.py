@@ -1,4 +1,4 @@
-"""Latent cache (SPEC 4.3): posterior moments of every split under a frozen VAE, and the scale.
+"""Latent cache: posterior moments of every split under a frozen VAE, and the scale.
 
 Layout of the cache directory (written whole by :func:`write_cache`)::
 
