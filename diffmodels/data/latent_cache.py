@@ -1,4 +1,5 @@
-"""Latent cache (docs/design.md#stage-contracts): posterior moments of every split under a frozen VAE, and the scale.
+"""Latent cache (docs/design.md#stage-contracts): posterior moments of every split under a frozen
+VAE, and the scale.
 
 Layout of the cache directory (written whole by :func:`write_cache`)::
 
