@@ -1,6 +1,6 @@
 """Stage cache_latents: frozen VAE + data/prepared -> data/latents (posterior moments, scale factor).
 
-    python -m stages.cache_latents --prepared data/prepared --vae data/models/vae.safetensors \\
+    python3 -m stages.cache_latents --prepared data/prepared --vae data/models/vae.safetensors \\
         --out data/latents --reports reports/cache_latents
 
 Layout and the exact scale-factor definition: :mod:`diffmodels.data.latent_cache`.

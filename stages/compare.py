@@ -1,7 +1,7 @@
 """Compare DVC experiments side by side -> reports/compare.html (not a DVC stage: run it by hand).
 
-    python -m stages.compare --out reports/compare.html --dvc-yaml dvc.yaml   # the baseline, all its experiments
-    python -m stages.compare mixer-attention nomixer --out /tmp/ablation.html --dvc-yaml dvc.yaml
+    python3 -m stages.compare --out reports/compare.html --dvc-yaml dvc.yaml   # the baseline, all its experiments
+    python3 -m stages.compare mixer-attention nomixer --out /tmp/ablation.html --dvc-yaml dvc.yaml
 
 Experiments are named as in ``dvc exp show`` (or by a rev prefix; the baseline by its branch
 name). Params and metrics come from DVC (``dvc.api``); curves and images from the workspace

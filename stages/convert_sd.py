@@ -1,6 +1,6 @@
 """Stage convert_sd: a local Stable Diffusion v1.x checkpoint -> our modules, verified and saved.
 
-    python -m stages.convert_sd --out data/models/sd --reports reports/convert_sd
+    python3 -m stages.convert_sd --out data/models/sd --reports reports/convert_sd
 
 Reads ``sd.checkpoint`` (an original single file or a diffusers folder), converts it
 strictly (diffmodels/sd/convert.py), checks parameter counts and one finite forward of each

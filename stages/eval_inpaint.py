@@ -1,6 +1,6 @@
 """Stage eval_inpaint: every inpainting method x every mask set, scored, with FID/KID of the fills.
 
-    python -m stages.eval_inpaint --ddpm data/models/ddpm.safetensors --vae data/models/vae.safetensors \\
+    python3 -m stages.eval_inpaint --ddpm data/models/ddpm.safetensors --vae data/models/vae.safetensors \\
         --prepared data/prepared --masks data/masks --fid-reference data/fid/test_features.safetensors \\
         --reports reports/eval_inpaint
 

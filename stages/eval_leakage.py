@@ -1,6 +1,6 @@
 """Stage eval_leakage: how far the VAE carries a change across a mask boundary.
 
-    python -m stages.eval_leakage --vae data/models/vae.safetensors --latents data/latents \\
+    python3 -m stages.eval_leakage --vae data/models/vae.safetensors --latents data/latents \\
         --prepared data/prepared --masks data/masks --reports reports/eval_leakage
 
 On the first ``leakage.num_images`` test images and every mask set of ``data.mask_sets``, with

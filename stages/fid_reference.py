@@ -1,6 +1,6 @@
 """Stage fid_reference: InceptionV3 features of the test split, the reference set of every FID/KID.
 
-    python -m stages.fid_reference --prepared data/prepared --out data/fid/test_features.safetensors
+    python3 -m stages.fid_reference --prepared data/prepared --out data/fid/test_features.safetensors
 
 Computed once and reused by ``sample`` and ``eval_inpaint``, so changing a sampler does not
 recompute the real statistics. The first ``eval.fid_real_images`` test images (seeded order of

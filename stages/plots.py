@@ -1,8 +1,8 @@
 """`dvc plots` that render offline: DVC's plot commands with vega inlined in the page.
 
-    python -m stages.plots show                          # dvc plots show, offline page
-    python -m stages.plots diff workspace mixer-attention # dvc plots diff <rev|exp> ...
-    python -m stages.plots template PATH                 # only write the template to PATH
+    python3 -m stages.plots show                          # dvc plots show, offline page
+    python3 -m stages.plots diff workspace mixer-attention # dvc plots diff <rev|exp> ...
+    python3 -m stages.plots template PATH                 # only write the template to PATH
 
 Any further arguments go to DVC unchanged (``-o DIR``, ``--open``, targets). The page is
 ``dvc_plots/index.html`` unless ``-o`` says otherwise; ``show`` and ``diff`` keep the template in
@@ -28,7 +28,7 @@ parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to dvc plots 
 def run(args) -> None:
     if args.command == "template":
         if len(args.args) != 1:
-            raise DiffmodelsError("plots template: give the output path, e.g. `python -m stages.plots template t.html`")
+            raise DiffmodelsError("plots template: give the output path, e.g. `python3 -m stages.plots template t.html`")
         path = build_template(args.args[0])
         print(f"plots: offline template {path}; use it with `dvc plots show --html-template {path}`")
         return

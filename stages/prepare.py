@@ -1,6 +1,6 @@
 """Stage prepare: dataset -> data/prepared (split arrays), data/masks (evaluation masks), reports.
 
-    python -m stages.prepare --prepared data/prepared --masks data/masks --reports reports/prepare
+    python3 -m stages.prepare --prepared data/prepared --masks data/masks --reports reports/prepare
 """
 
 from __future__ import annotations

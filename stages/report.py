@@ -1,6 +1,6 @@
 """Stage report: every stage's metrics and figures -> reports/index.html and reports/metrics.json.
 
-    python -m stages.report --html reports/index.html --metrics reports/metrics.json --fid reports/fid.tsv \\
+    python3 -m stages.report --html reports/index.html --metrics reports/metrics.json --fid reports/fid.tsv \\
         --dvc-yaml dvc.yaml
 
 ``index.html`` is one self-contained page (images embedded; open it from disk): headline numbers,

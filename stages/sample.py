@@ -1,6 +1,6 @@
 """Stage sample: EMA denoiser + VAE -> sample grids, process figures and FID/KID per sampler.
 
-    python -m stages.sample --ddpm data/models/ddpm.safetensors --vae data/models/vae.safetensors \\
+    python3 -m stages.sample --ddpm data/models/ddpm.safetensors --vae data/models/vae.safetensors \\
         --latents data/latents --fid-reference data/fid/test_features.safetensors --reports reports/sample
 
 Samplers: ancestral DDPM over all T steps and DDIM with ``sample.ddim_steps``, from the

@@ -1,6 +1,6 @@
 """Stage sd_baselines: txt2img, img2img, latent inpainting and visual anagrams with converted SD v1.
 
-    python -m stages.sd_baselines --models data/models/sd --prepared data/prepared --masks data/masks \\
+    python3 -m stages.sd_baselines --models data/models/sd --prepared data/prepared --masks data/masks \\
         --reports reports/sd_baselines
 
 With the weights of convert_sd (:mod:`diffmodels.sd.baselines`): txt2img for ``sd.prompts`` (DDIM,

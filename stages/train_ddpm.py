@@ -1,6 +1,6 @@
 """Stage train_ddpm: cached latents -> denoiser + EMA weights (config embedded), metrics, loss curve.
 
-    python -m stages.train_ddpm --latents data/latents --vae data/models/vae.safetensors \\
+    python3 -m stages.train_ddpm --latents data/latents --vae data/models/vae.safetensors \\
         --prepared data/prepared --out data/models/ddpm.safetensors --reports reports/train_ddpm \\
         --checkpoints data/checkpoints/train_ddpm
 

@@ -1,6 +1,6 @@
 """Stage train_vae: data/prepared -> localized VAE weights (config embedded), metrics, loss curve.
 
-    python -m stages.train_vae --prepared data/prepared --out data/models/vae.safetensors \\
+    python3 -m stages.train_vae --prepared data/prepared --out data/models/vae.safetensors \\
         --reports reports/train_vae --checkpoints data/checkpoints/train_vae
 
 Resume: every ``vae.checkpoint_every`` steps the full training state goes to

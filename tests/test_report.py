@@ -327,7 +327,7 @@ def test_offline_plots_template(offline_template):
 
 @pytest.mark.skipif(browser.unavailable() is not None, reason=f"browser check: {browser.unavailable()}")
 def test_dvc_plots_render_offline(offline_template, tmp_path):
-    """`python -m stages.plots show` in a tiny DVC repo: the vega chart draws with no network."""
+    """`python3 -m stages.plots show` in a tiny DVC repo: the vega chart draws with no network."""
     import os
     import subprocess
     import sys
