@@ -38,6 +38,20 @@ from tests.vae_support import ROOT, tiny_params, tiny_prepared
 CKPT = "ckpt/last.safetensors"
 
 
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """Every test here starts from Python's default SIGINT / SIGTERM handlers, as a stage process
+    does: the stop helpers leave a handler that is not the default alone (an ignored signal stays
+    ignored), so a handler left by anything that ran earlier in this pytest process would change
+    what these tests see. Restored afterwards."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     yield from shared_store(tmp_path_factory)
