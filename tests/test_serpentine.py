@@ -24,13 +24,16 @@ SIZES = [(1, 1), (1, 7), (5, 3), (8, 8), (7, 12)]
 def test_scan_then_unscan_is_identity(size):
     h, w = size
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
-    seq = scan(x, ORDERS)  # (2 * 16, L, 3)
-    grid = unscan(seq, ORDERS, h, w)  # (2, 16, L, 3)
-    raster = x.flatten(2).transpose(1, 2)  # (2, L, 3)
+    seq = scan(x, ORDERS)  # (2 * 16, 3, L)
+    grid = unscan(seq, ORDERS, h, w)  # (2, 16, 3, L)
+    raster = x.flatten(2)  # (2, 3, L)
     assert torch.equal(grid, raster[:, None].expand_as(grid))
     for d, order in enumerate(ORDERS):  # and each sequence really is the grid read along its path
         perm, _ = scan_indices(h, w, order)
-        assert torch.equal(seq.view(2, len(ORDERS), h * w, 3)[:, d], raster[:, perm])
+        assert torch.equal(seq.view(2, len(ORDERS), 3, h * w)[:, d], raster[:, :, perm])
+    for order in ORDERS:  # one order alone takes the same path
+        assert torch.equal(scan(x, [order]), raster[:, :, scan_indices(h, w, order)[0]])
+        assert torch.equal(unscan(scan(x, [order]), [order], h, w)[:, 0], raster)
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -101,7 +101,7 @@ def test_layer_is_causal(gated):
     x = torch.randn(1, 11, 8, dtype=torch.float64, requires_grad=True)
     z = torch.randn(1, 11, 8, dtype=torch.float64, requires_grad=True) if gated else None
     for i in (0, 5, 10):
-        (gx,) = torch.autograd.grad(layer(x, z)[0, i].sum(), x)
+        (gx,) = torch.autograd.grad(_layer(layer, x, z)[0, i].sum(), x)
         reach = gx[0].abs().sum(-1)  # (l,) how much each input position moves output i
         assert (reach[: i + 1] > 0).all()
         assert (reach[i + 1 :] == 0).all()
@@ -110,6 +110,11 @@ def test_layer_is_causal(gated):
 def test_layer_rejects_headdim_not_dividing():
     with pytest.raises(ValueError, match="headdim"):
         SelectiveSSM(10, headdim=4)
+
+
+def _layer(layer, x, z=None, **kw):
+    """The layer on sequence-major (b, l, d) inputs (it works channel-major)."""
+    return layer(x.transpose(1, 2), None if z is None else z.transpose(1, 2), **kw).transpose(1, 2)
 
 
 def _perturbed(module, seed=1):
@@ -131,7 +136,7 @@ def test_layer_equals_a_float64_loop_over_time_heads_and_channels(gated, chunk_s
     x = torch.randn(2, 11, 12, generator=g)  # 11: no multiple of the chunk
     z = torch.randn(2, 11, 12, generator=g) if gated else None
     with torch.no_grad():
-        y = layer(x, z)
+        y = _layer(layer, x, z)
     ref = ssm_reference(layer, x, z)
     assert y.dtype == torch.float32
     assert _rel(y, ref) < 1e-5, _rel(y, ref)

@@ -81,20 +81,31 @@ def _stacked_indices(height: int, width: int, orders: tuple[str, ...], device: t
 
 
 def scan(x: Tensor, orders: Sequence[str]) -> Tensor:
-    """Grid to sequences: x (B, C, H, W) -> (B*D, H*W, C), row b*D + d read along ``orders[d]``."""
+    """Grid to sequences: x (B, C, H, W) -> (B*D, C, H*W), row b*D + d read along ``orders[d]``.
+
+    Channel-major, like the feature map: the SSM and its projections work on (batch, channels,
+    length) without transposing. One ``gather`` per call (backward: one scatter-add); on CPU it
+    is several times faster than ``index_select`` along the last dimension.
+    """
     b, c, h, w = x.shape
     perm, _ = _stacked_indices(h, w, tuple(orders), x.device)  # (D, L)
-    seq = x.flatten(2)[:, :, perm]  # (B, C, D, L)
-    return seq.permute(0, 2, 3, 1).reshape(b * len(orders), h * w, c)  # (B*D, L, C)
+    seq = x.flatten(2).gather(2, perm.view(1, 1, -1).expand(b, c, -1))  # (B, C, D*L)
+    if len(orders) == 1:
+        return seq
+    return seq.view(b, c, len(orders), h * w).transpose(1, 2).reshape(b * len(orders), c, h * w)
 
 
 def unscan(seq: Tensor, orders: Sequence[str], height: int, width: int) -> Tensor:
-    """Sequences back to the grid: (B*D, H*W, C) -> (B, D, H*W, C), positions in row-major order."""
-    bd, l, c = seq.shape
+    """Sequences back to the grid: (B*D, C, H*W) -> (B, D, C, H*W), positions in row-major order."""
+    bd, c, l = seq.shape
     d = len(orders)
     _, inv = _stacked_indices(height, width, tuple(orders), seq.device)  # (D, L)
-    seq = seq.view(bd // d, d, l, c)  # (B, D, L, C)
-    return seq.gather(2, inv[None, :, :, None].expand(bd // d, d, l, c))
+    if d == 1:
+        return seq.gather(2, inv.expand(bd, c, l)).view(bd, 1, c, l)
+    offsets = (torch.arange(d, device=seq.device) * l)[:, None]
+    seq = seq.view(bd // d, d, c, l).transpose(1, 2).reshape(bd // d, c, d * l)
+    index = (inv + offsets).view(1, 1, -1).expand(bd // d, c, -1)
+    return seq.gather(2, index).view(bd // d, c, d, l).transpose(1, 2)
 
 
 def block_orders(family: str = "rows", directions: int = 2, corner: str = "tl") -> tuple[str, ...]:
@@ -140,6 +151,14 @@ class SerpentineBlock(nn.Module):
             raise ValueError(f"channels ({channels}) must be a multiple of norm_groups ({norm_groups})")
         self.orders = block_orders(family, directions, corner)
         self.merge = merge
+        # A path and its reverse are one bidirectional scan of the path (ssd_scan), so the block
+        # scans one sequence per family: ``paths`` are the orders without their reverses.
+        self.bidirectional = directions >= 2
+        self.paths = self.orders[::2] if self.bidirectional else self.orders
+        # y = scale * (sum of the scans) + skip * D u summed over paths gives the mean (or sum)
+        # over all directions, each of which carries its own D u term.
+        per_path = 2 if self.bidirectional else 1
+        self._scale, self._skip = (1 / directions, 1 / len(self.paths)) if merge == "mean" else (1.0, per_path)
         d_inner = expand * channels
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.in_proj = nn.Conv2d(channels, 2 * d_inner, 1)  # -> u (scanned) and z (gate)
@@ -154,9 +173,9 @@ class SerpentineBlock(nn.Module):
         b, c, h, w = x.shape
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=1)  # (B, E, H, W) each
         u = F.silu(self.conv(u))
-        y = self.ssm(scan(u, self.orders))  # (B*D, L, E), one call for all directions
-        y = unscan(y, self.orders, h, w)  # (B, D, L, E)
-        y = y.sum(1) if self.merge == "sum" else y.mean(1)  # (B, L, E)
-        y = self.out_norm(y) * F.silu(z.flatten(2).transpose(1, 2))  # (B, L, E)
-        y = self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
+        y = self.ssm(scan(u, self.paths), bidirectional=self.bidirectional, scale=self._scale, skip=self._skip)
+        y = unscan(y, self.paths, h, w)  # (B, F, E, L)
+        y = y.sum(1) if len(self.paths) > 1 else y[:, 0]  # (B, E, L)
+        y = self.out_norm(y.transpose(1, 2)) * F.silu(z.flatten(2).transpose(1, 2))  # (B, L, E)
+        y = self.out_proj(y).transpose(1, 2).view(b, c, h, w)
         return (x + y).to(x.dtype)

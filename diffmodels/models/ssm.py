@@ -31,6 +31,7 @@ correct, and usable in float64 as the test oracle.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -61,8 +62,7 @@ def decay(s: Tensor) -> Tensor:
     place they turn into subnormal numbers, which make CPU matmuls over ten times slower.
     Flushing at the square root keeps products of two factors normal as well.
     """
-    floor = 0.5 * math.log(torch.finfo(s.dtype).tiny)
-    return torch.exp(s.masked_fill(s < floor, -math.inf))
+    return torch.exp(s.masked_fill(s < _floor(s.dtype), -math.inf))
 
 
 def _scan_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,61 +78,182 @@ def ssd_chunked_scan(
     C: Tensor,
     chunk_size: int = 64,
     initial_state: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Chunked SSD scan (Mamba-2, sec. 6), linear in the sequence length l.
+    bidirectional: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunked SSD scan (Mamba-2, sec. 6) in the sequence-major layout, linear in the length l.
 
     x (b, l, h, p), dt (b, l, h) > 0, A (h,) < 0, B and C (b, l, n), initial_state (b, h, p, n).
-    Returns y (b, l, h, p) without the D skip term, and the final state (b, h, p, n). Both are
-    float32 (float64 for float64 inputs) whatever the input dtype or autocast state.
+    Returns y (b, l, h, p) without the D skip term, and the final state (b, h, p, n); with
+    ``bidirectional`` y is the forward scan plus the scan of the reversed sequence (each with its
+    own diagonal term) and the state is None. A thin wrapper of :func:`ssd_scan` for callers that
+    hold (b, l, ...) tensors.
+    """
+    y, state = ssd_scan(x.permute(0, 2, 3, 1), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                        chunk_size=chunk_size, initial_state=initial_state, bidirectional=bidirectional,
+                        return_state=not bidirectional)
+    return y.permute(0, 3, 1, 2), state
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = 64,
+    bidirectional: bool = False,
+    input_scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    return_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The SSD scan in the channel-major layout the serpentine block holds its features in.
+
+    x (b, h, p, l), dt (b, h, l) > 0, A (h,) < 0, B and C (b, n, l); initial_state (b, h, p, n),
+    causal scans only. Returns y (b, h, p, l), without the D skip term, times ``input_scale``; and
+    the final state (b, h, p, n) when ``return_state`` (causal scans only), else None. y and the
+    state are float32 (float64 for float64 inputs) whatever the input dtype or autocast state.
+
+    ``bidirectional``: y is the causal scan of the sequence plus the causal scan of its reverse
+    mapped back, computed as one quasiseparable matrix (Hydra, Hwang et al. 2024): inside a chunk
+    the forward decays fill the lower triangle of one Q x Q mask and the backward decays its upper
+    triangle (the diagonal, which both scans contain, is counted twice), so one masked product
+    serves both directions; between chunks a forward and a backward state are passed in one loop.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if bidirectional and (initial_state is not None or return_state):
+        raise ValueError("a bidirectional scan has no initial or final state")
     dtype = _scan_dtype(x.dtype)
     # Autocast would run the matmuls below in bf16/fp16; the decays exp(sum a) need float32.
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
-        b, l, h, p = x.shape
-        n = B.size(-1)
+        b, h, p, l = x.shape
+        n = B.size(1)
         Q = min(chunk_size, l)  # a sequence shorter than a chunk is one chunk: no padding work
         pad = (-l) % Q
         if pad:
-            # dt = 0 on the padding: decay exp(0) = 1 and input dt*x = 0, so the state passes
-            # through unchanged and the padded outputs are simply cut off at the end.
-            x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+            # dt = 0 on the padding: decay exp(0) = 1 and input dt*x = 0, so a state passes
+            # through unchanged in either direction and the padded outputs are cut off at the end.
+            x, dt, B, C = (F.pad(t, (0, pad)) for t in (x, dt, B, C))
         c = (l + pad) // Q
 
-        a = (dt * A).view(b, c, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q) log-decays, <= 0
-        xdt = (x * dt[..., None]).view(b, c, Q, h, p).permute(0, 3, 1, 2, 4)  # (b, h, c, Q, p)
-        B = B.view(b, 1, c, Q, n)  # shared over heads
-        C = C.view(b, 1, c, Q, n)
+        a = dt * A[:, None]  # (b, h, L) log-decays, <= 0
+        xdt = x * (dt if input_scale == 1.0 else dt * input_scale)[:, :, None]  # (b, h, p, L)
+        xdt = xdt.view(b, h, p, c, Q).transpose(2, 3)  # (b, h, c, p, Q)
+        B = B.view(b, n, c, Q).transpose(1, 2)  # (b, c, n, Q), shared by the heads
+        C = C.view(b, n, c, Q).transpose(1, 2)
+        # 1. within chunks: y_i = sum_j (C_i . B_j) exp(segment sum of a) dt_j x_j, one masked product.
+        mask = DecayMask.apply(a.view(b, h, c, Q), bidirectional)  # (b, h, c, Q, Q)
+        CB = C.transpose(-1, -2) @ B  # (b, c, Q, Q): C_i . B_j
+        W = CB[:, None] * mask  # (b, h, c, Q, Q)
+        if bidirectional:
+            W.diagonal(dim1=-2, dim2=-1).mul_(2)  # the diagonal belongs to both scans
+        y = xdt @ W.transpose(-1, -2)  # (b, h, c, p, Q)
 
-        # 1. within chunks: y[i] = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + .. + a_i) dt_j x_j
-        L = decay(segsum(a))  # (b, h, c, Q, Q)
-        CB = C @ B.transpose(-1, -2)  # (b, 1, c, Q, Q)
-        y = (CB * L) @ xdt  # (b, h, c, Q, p)
+        state = None
+        if c > 1 or initial_state is not None or return_state:
+            P, R = _prefix_sums(a.view(b, h, c, Q))
+            # 2. each chunk's own states from a zero start: the forward one at its last position
+            # (decays P_{Q-1} - P_j), the backward one at its first (decays R_j).
+            total = P[..., -1:]  # (b, h, c, 1) log-decay over the whole chunk
+            to_end = [decay((total - P).to(dtype))] + ([decay(R.to(dtype))] if bidirectional else [])
+            Bd = torch.cat([B[:, None] * d[..., None, :] for d in to_end], dim=-2)  # (b, h, c, k*n, Q)
+            states = (xdt @ Bd.transpose(-1, -2)).unflatten(-1, (len(to_end), n))  # (b, h, c, p, k, n)
+            # 3. pass states between chunks; the backward states run over the chunks reversed.
+            chunk_decay = decay(total.to(dtype))  # (b, h, c, 1)
+            if bidirectional:
+                states = torch.cat([states[..., :1, :], states[..., 1:, :].flip(2)], dim=-2)
+                chunk_decay = torch.stack([chunk_decay, chunk_decay.flip(2)], dim=-1)  # (b, h, c, 1, 2)
+            else:
+                chunk_decay = chunk_decay[..., None]  # (b, h, c, 1, 1)
+            chunk_decay = chunk_decay[..., None]  # (b, h, c, 1, k, 1)
+            carry = x.new_zeros(b, h, p, len(to_end), n)
+            if initial_state is not None:
+                carry[..., 0, :] = initial_state.to(dtype)
+            entering = []
+            # unbind once: indexing states[:, :, k] in the loop would make backward O(c^2)
+            for decay_k, states_k in zip(chunk_decay.unbind(2), states.unbind(2)):
+                entering.append(carry)
+                carry = decay_k * carry + states_k
+            state = carry[..., 0, :]
+            h_in = torch.stack(entering, dim=2)  # (b, h, c, p, k, n) state entering each chunk
+            if bidirectional:
+                h_in = torch.cat([h_in[..., :1, :], h_in[..., 1:, :].flip(2)], dim=-2)
+            # 4. entering states to outputs: forward decays a_0 + .. + a_i = P_i, backward a_i + .. + a_{Q-1}.
+            from_edge = [decay(P.to(dtype))] + ([decay((total - R).to(dtype))] if bidirectional else [])
+            Cd = torch.cat([C[:, None] * d[..., None, :] for d in from_edge], dim=-2)  # (b, h, c, k*n, Q)
+            y = y + h_in.flatten(-2) @ Cd
 
-        # 2. each chunk's final state from a zero start: sum_j exp(a_{j+1} + .. + a_{Q-1}) dt_j x_j B_j^T
-        # The exclusive reverse cumsum sums each suffix directly (no cancellation).
-        a_suffix = torch.flip(torch.cumsum(torch.flip(a[..., 1:], (-1,)), -1), (-1,))
-        decay_to_end = decay(F.pad(a_suffix, (0, 1)))  # (b, h, c, Q)
-        states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B  # (b, h, c, p, n)
+        y = y.transpose(2, 3).reshape(b, h, p, c * Q)[..., :l]  # (b, h, p, l)
+    return y, (state if return_state else None)
 
-        # 3. recurrence over chunks: h_c = exp(a summed over chunk c) h_{c-1} + states_c.
-        a_prefix = torch.cumsum(a, dim=-1)  # (b, h, c, Q), inclusive: a_0 + .. + a_i
-        chunk_decay = decay(a_prefix[..., -1])  # (b, h, c)
-        state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(dtype)
-        entering = []
-        # unbind once: indexing states[:, :, k] in the loop would make backward O(c^2)
-        for decay_k, states_k in zip(chunk_decay.unbind(2), states.unbind(2)):
-            entering.append(state)
-            state = decay_k[..., None, None] * state + states_k
-        h_in = torch.stack(entering, dim=2)  # (b, h, c, p, n) state entering each chunk
 
-        # 4. entering state to outputs: y[i] += exp(a_0 + .. + a_i) C_i . h_in
-        y = y + (C @ h_in.transpose(-1, -2)) * decay(a_prefix)[..., None]  # (b, h, c, Q, p)
+@functools.lru_cache(maxsize=64)
+def _lower(Q: int, device: torch.device) -> Tensor:
+    return torch.ones(Q, Q, dtype=torch.bool, device=device).tril()
 
-        y = y.permute(0, 2, 3, 1, 4).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
-    return y, state
+
+def _prefix_sums(a: Tensor) -> tuple[Tensor, Tensor]:
+    """Inclusive and exclusive cumulative sums of a (..., Q) along the chunk, in float64.
+
+    Log-decays of segments are differences of these; a huge step before both ends of a segment
+    would make the difference cancel catastrophically in float32.
+    """
+    a = a.double()
+    P = torch.cumsum(a, -1)  # a_0 + .. + a_i
+    return P, P - a  # and a_0 + .. + a_{i-1}
+
+
+class DecayMask(torch.autograd.Function):
+    """The within-chunk decay mask: a (..., Q) log-decays -> M (..., Q, Q) in a's dtype.
+
+        causal:        M[i, j] = exp(a_{j+1} + .. + a_i) = exp(P_i - P_j) for j <= i, 0 above
+        bidirectional: the same below the diagonal and exp(a_i + .. + a_{j-1}) = exp(R_j - R_i) above
+
+    (P, R: inclusive and exclusive prefix sums, :func:`_prefix_sums`). The differences are taken in
+    float64, exponents below :func:`decay`'s floor give 0 (causal) or exp(floor) ~ 1e-19 (far below
+    rounding error; no subnormals either way). A hand-written backward: autograd through these
+    Q x Q float64 differences, the triangle selection and the exponential costs several times more
+    passes over the mask than the six below, and the mask is the largest tensor of the scan.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, bidirectional: bool) -> Tensor:
+        Q = a.size(-1)
+        P, R = _prefix_sums(a)
+        lower = _lower(Q, a.device)
+        log_mask = P[..., :, None] - P[..., None, :]
+        if bidirectional:
+            log_mask = torch.where(lower, log_mask, R[..., None, :] - R[..., :, None])
+            mask = torch.exp(log_mask.to(a.dtype).clamp_min_(_floor(a.dtype)))
+        else:
+            mask = decay(log_mask.masked_fill_(~lower, -math.inf).to(a.dtype))
+        ctx.bidirectional = bidirectional
+        ctx.save_for_backward(mask)
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        lower = _lower(mask.size(-1), mask.device)
+        g = grad * mask  # d/d(log mask)
+        # lower triangle: log mask P_i - P_j -> +row sums to P_i, -column sums to P_j
+        g_lower = g.masked_fill(~lower, 0.0)
+        dP = g_lower.sum(-1) - g_lower.sum(-2)
+        dR = None
+        if ctx.bidirectional:  # strict upper triangle: R_j - R_i
+            dR = (g.sum(-2) - g_lower.sum(-2)) - (g.sum(-1) - g_lower.sum(-1))
+            dP = dP + dR
+        # P = cumsum(a): da_k = sum_{i >= k} dP_i;  R = P - a: da -= dR
+        da = torch.flip(torch.cumsum(torch.flip(dP, (-1,)), -1), (-1,))
+        if dR is not None:
+            da = da - dR
+        return da, None
+
+
+def _floor(dtype: torch.dtype) -> float:
+    return 0.5 * math.log(torch.finfo(dtype).tiny)
 
 
 def selective_scan_reference(
@@ -162,10 +283,12 @@ def selective_scan_reference(
 class SelectiveSSM(nn.Module):
     """Mamba-2 style selective SSM over sequences: input-dependent dt, B, C; scalar decay per head.
 
-    Maps x (b, l, d_inner) to y (b, l, d_inner), float32 (float64 for float64 input). With a gate
-    z (b, l, d_inner) the output is y * silu(z) (the Mamba gated output). Causal: y[:, i] depends
-    on x[:, :i+1] only. The input projection, local mixing and output projection live in the
-    caller (``SerpentineBlock``), which runs several scan orders through one call of this layer.
+    Maps x (b, d_inner, l) to y (b, d_inner, l), channel-major like the feature maps it comes from;
+    float32 (float64 for float64 input). With a gate z (b, d_inner, l) the output is y * silu(z)
+    (the Mamba gated output). Causal: y[..., i] depends on x[..., :i+1] only; ``bidirectional``
+    adds the scan of the reversed sequence (one quasiseparable pass, :func:`ssd_scan`). The input
+    projection, local mixing and output projection live in the caller (``SerpentineBlock``), which
+    runs all its scan orders through one call of this layer.
     """
 
     def __init__(
@@ -193,15 +316,19 @@ class SelectiveSSM(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*A_init_range)))
         self.D = nn.Parameter(torch.ones(self.nheads))
 
-    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        b, l, d_inner = x.shape
-        dt, B, C = self.x_proj(x).split([self.nheads, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(dt.to(_scan_dtype(x.dtype)) + self.dt_bias)  # (b, l, h), never in bf16
+    def forward(
+        self, x: Tensor, z: Tensor | None = None, *, bidirectional: bool = False, scale: float = 1.0, skip: float = 1.0
+    ) -> Tensor:
+        """y = scale * scan(x) + skip * D x (then the gate): ``scale`` and ``skip`` let a caller that
+        sums several scans of one input form their mean without another pass over the outputs."""
+        b, d_inner, l = x.shape
+        dt, B, C = torch.matmul(self.x_proj.weight, x).split([self.nheads, self.d_state, self.d_state], dim=1)
+        dt = F.softplus(dt.to(_scan_dtype(x.dtype)) + self.dt_bias[:, None])  # (b, h, l), never in bf16
         A = -torch.exp(self.A_log.float())  # (h,) strictly negative
-        xh = x.view(b, l, self.nheads, self.headdim)  # (b, l, h, p)
-        y, _ = ssd_chunked_scan(xh, dt, A, B, C, self.chunk_size)  # (b, l, h, p)
-        y = y + self.D[:, None] * xh.to(y.dtype)
-        y = y.reshape(b, l, d_inner)
+        xh = x.view(b, self.nheads, self.headdim, l)  # (b, h, p, l)
+        y, _ = ssd_scan(xh, dt, A, B, C, chunk_size=self.chunk_size, bidirectional=bidirectional, input_scale=scale)
+        y = y + (skip * self.D)[:, None, None] * xh.to(y.dtype)
+        y = y.view(b, d_inner, l)
         if z is not None:
             y = y * F.silu(z.to(y.dtype))
         return y
