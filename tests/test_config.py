@@ -162,7 +162,8 @@ def test_params_yaml_declares_every_schema_group():
 
 
 @pytest.mark.parametrize("overrides, key", [
-    ({"ddpm.base_channels": 24}, "ddpm.base_channels 24"),  # SSM width 48 does not split into heads of 32
+    ({"ddpm.base_channels": 48}, "ddpm.ssm_headdim 64"),  # SSM width 96 does not split into heads of 64
+    ({"ddpm.ssm_expand": 0}, "ddpm.ssm_expand"),
     ({"ddpm.mixer": "attention", "ddpm.attention_heads": 3}, "ddpm.attention_heads 3"),
     ({"ddpm.norm_groups": 5}, "ddpm.norm_groups 5"),
     ({"ddpm.mixer_downsample": [4]}, "ddpm.mixer_downsample lists [4]"),

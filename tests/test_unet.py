@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -225,7 +226,10 @@ def test_config_round_trip_and_timestep_embedding():
     renamed = {"channel_mult": "channel_mults", "scan_directions": "serpentine_directions",
                "scan_merge": "serpentine_merge", "ssm_state": "serpentine_state"}
     old = {renamed.get(k, k): list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
-    assert "channel_mults" in old and UNetConfig.from_dict(old) == cfg
+    assert "channel_mults" in old and UNetConfig.from_dict(old.copy()) == cfg
+    # and those written before the SSM widths were fields had expand 2 and heads of 32
+    del old["ssm_expand"], old["ssm_headdim"]
+    assert UNetConfig.from_dict(old) == dataclasses.replace(cfg, ssm_expand=2, ssm_headdim=32)
     emb = timestep_embedding(torch.tensor([0, 1, 2]), 7)
     assert emb.shape == (3, 7)
     assert torch.allclose(emb[0, :3], torch.ones(3)) and torch.allclose(emb[0, 3:6], torch.zeros(3))

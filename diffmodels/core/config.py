@@ -235,6 +235,8 @@ class DdpmParams(_Group):
     scan_directions: Annotated[Literal[1, 2, 4], IntChoice]
     scan_merge: Literal["sum", "mean"]
     ssm_state: Annotated[int, Field(ge=1, le=256)]
+    ssm_expand: Annotated[int, Field(ge=1, le=4)]
+    ssm_headdim: Annotated[int, Field(ge=1, le=1024)]
     dropout: Fraction
     conditional: bool
     cond_dropout: Fraction

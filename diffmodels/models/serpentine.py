@@ -138,10 +138,10 @@ class SerpentineBlock(nn.Module):
         directions: int = 2,
         family: str = "rows",
         merge: str = "mean",
-        d_state: int = 32,
-        headdim: int = 32,
+        d_state: int = 16,
+        headdim: int = 64,
         chunk_size: int = 64,
-        expand: int = 2,
+        expand: int = 1,
         norm_groups: int = 32,
         corner: str = "tl",
     ) -> None:

@@ -63,6 +63,8 @@ class UNetConfig:
     scan_directions: int = 2  # serpentine scan paths per context block (diffmodels.models.serpentine)
     scan_merge: str = "mean"  # how the directions' outputs combine: sum or mean
     ssm_state: int = 16  # state size N of the selective SSM
+    ssm_expand: int = 1  # SSM channels per block channel (Mamba's expand)
+    ssm_headdim: int = 64  # SSM head size P (one decay per head); narrow blocks use one head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +74,9 @@ class UNetConfig:
         """From :meth:`to_dict` output, including that of weights files written under the old field
         names (``channel_mults``, ``serpentine_directions``, ...)."""
         d = {_RENAMED.get(k, k): v for k, v in d.items()}
+        # weights written before the SSM's widths were fields had expand 2 and heads of 32
+        d.setdefault("ssm_expand", 2)
+        d.setdefault("ssm_headdim", 32)
         d["channel_mult"] = tuple(d["channel_mult"])
         d["mixer_downsample"] = tuple(d["mixer_downsample"])
         return cls(**d)
@@ -132,31 +137,25 @@ class UNetConfig:
                 errors.append(f"ddpm.attention_heads {self.attention_heads} must divide the width of every level "
                               f"with attention ({bad[0]} is not a multiple); change ddpm.attention_heads or ddpm.base_channels")
         if self.mixer == "serpentine":
-            bad = [c for c in self.context_widths() if (SSM_EXPAND * c) % serpentine_headdim(c)]
+            bad = [c for c in self.context_widths() if (self.ssm_expand * c) % self.serpentine_headdim(c)]
             if bad:
                 c = bad[0]
-                errors.append(f"ddpm.base_channels {self.base_channels}: the serpentine block at width {c} splits "
-                              f"{SSM_EXPAND * c} SSM channels into heads of {serpentine_headdim(c)}, which needs "
-                              f"every context width to be below {SSM_HEADDIM // SSM_EXPAND} or a multiple of "
-                              f"{SSM_HEADDIM // SSM_EXPAND} (e.g. ddpm.base_channels 16 or 32)")
+                errors.append(f"ddpm.ssm_headdim {self.ssm_headdim}: the serpentine block at width {c} has "
+                              f"{self.ssm_expand * c} SSM channels (ddpm.ssm_expand x width), not a multiple of the "
+                              f"head size {self.serpentine_headdim(c)}; make every context width a multiple of "
+                              f"ddpm.ssm_headdim / ddpm.ssm_expand or change ddpm.ssm_headdim (e.g. a power of 2)")
         return errors
+
+    def serpentine_headdim(self, channels: int) -> int:
+        """Head size of the SSM in a serpentine block of ``channels`` width: ``ssm_headdim``, or one
+        head over all the SSM channels when the block is narrower than that."""
+        return min(self.ssm_headdim, self.ssm_expand * channels)
 
     def check(self) -> None:
         """Raise ValueError with every broken constraint (:meth:`problems`)."""
         errors = self.problems()
         if errors:
             raise ValueError("; ".join(errors))
-
-
-# The serpentine blocks' SSM: SSM_EXPAND x the block's width in channels, in heads of up to
-# SSM_HEADDIM (Mamba-2's head size); narrow blocks use one head per two channels' worth.
-SSM_EXPAND = 2
-SSM_HEADDIM = 32
-
-
-def serpentine_headdim(channels: int) -> int:
-    """Head size of the SSM in a serpentine block of ``channels`` width."""
-    return min(SSM_HEADDIM, SSM_EXPAND * channels)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -266,8 +265,8 @@ class UNet(nn.Module):
             family=default_family(self._n_context),
             merge=cfg.scan_merge,
             d_state=cfg.ssm_state,
-            headdim=serpentine_headdim(channels),
-            expand=SSM_EXPAND,
+            headdim=cfg.serpentine_headdim(channels),
+            expand=cfg.ssm_expand,
             norm_groups=cfg.norm_groups,
         )
         self._n_context += 1
