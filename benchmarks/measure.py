@@ -44,6 +44,16 @@ def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> tup
     return statistics.median(times), min(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
+    """(median, min) ms of each of ``fns``, timed in turns (a, b, c, a, b, c, ...) so that load from
+    other jobs falls on all of them alike and their ratios stay meaningful. The caller warmed them up."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_ms(fn, 1, device)[0])
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     """Peak bytes held by tensors while ``fn`` runs, above what was held when it started, in MiB."""
     if device.type == "cuda":

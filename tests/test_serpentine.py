@@ -15,6 +15,7 @@ from diffmodels.models.serpentine import (
     scan,
     scan_indices,
     unscan,
+    unscan_sum,
 )
 
 SIZES = [(1, 1), (1, 7), (5, 3), (8, 8), (7, 12)]
@@ -34,6 +35,16 @@ def test_scan_then_unscan_is_identity(size):
     for order in ORDERS:  # one order alone takes the same path
         assert torch.equal(scan(x, [order]), raster[:, :, scan_indices(h, w, order)[0]])
         assert torch.equal(unscan(scan(x, [order]), [order], h, w)[:, 0], raster)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("orders", [ORDERS[:1], ORDERS[::2][:2], ORDERS])
+def test_unscan_sum_is_unscan_summed_over_orders_position_major(size, orders):
+    h, w = size
+    seq = torch.randn(3 * len(orders), 5, h * w, generator=torch.Generator().manual_seed(1))
+    got = unscan_sum(seq, orders, h, w)  # (3, L, 5)
+    assert got.shape == (3, h * w, 5) and got.is_contiguous()
+    assert torch.allclose(got, unscan(seq, orders, h, w).sum(1).transpose(1, 2), atol=1e-6)
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -108,6 +108,20 @@ def unscan(seq: Tensor, orders: Sequence[str], height: int, width: int) -> Tenso
     return seq.gather(2, index).view(bd // d, c, d, l).transpose(1, 2)
 
 
+def unscan_sum(seq: Tensor, orders: Sequence[str], height: int, width: int) -> Tensor:
+    """Sequences back to the grid and summed over the orders: (B*D, C, H*W) -> (B, H*W, C).
+
+    Position-major, for the per-position LayerNorm that follows in the block: the gather writes
+    that layout directly, where ``unscan`` and a transpose would copy the result once more.
+    """
+    bd, c, l = seq.shape
+    d = len(orders)
+    _, inv = _stacked_indices(height, width, tuple(orders), seq.device)  # (D, L)
+    seq = seq.view(bd // d, d, c, l).transpose(2, 3)  # (B, D, L, C), a view
+    grid = seq.gather(2, inv.view(1, d, l, 1).expand(bd // d, d, l, c))
+    return grid.sum(1) if d > 1 else grid[:, 0]
+
+
 def block_orders(family: str = "rows", directions: int = 2, corner: str = "tl") -> tuple[str, ...]:
     """The scan orders of one block: 1 = a path, 2 = path + reverse, 4 = both families + reverses."""
     _check_choice("family", family, FAMILIES)
@@ -174,8 +188,7 @@ class SerpentineBlock(nn.Module):
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=1)  # (B, E, H, W) each
         u = F.silu(self.conv(u))
         y = self.ssm(scan(u, self.paths), bidirectional=self.bidirectional, scale=self._scale, skip=self._skip)
-        y = unscan(y, self.paths, h, w)  # (B, F, E, L)
-        y = y.sum(1) if len(self.paths) > 1 else y[:, 0]  # (B, E, L)
-        y = self.out_norm(y.transpose(1, 2)) * F.silu(z.flatten(2).transpose(1, 2))  # (B, L, E)
+        y = unscan_sum(y, self.paths, h, w)  # (B, L, E)
+        y = self.out_norm(y) * F.silu(z.flatten(2).transpose(1, 2))
         y = self.out_proj(y).transpose(1, 2).view(b, c, h, w)
         return (x + y).to(x.dtype)
