@@ -420,3 +420,110 @@ def test_dvc_experiments_through_dvc_api(tmp_path):
     assert workspace.metrics == exps[1].metrics  # dvc exp run leaves the experiment in the workspace
     assert skipped == [("q5", "queued")]
     assert [e.name for e in compare.select(exps, [exps[1].rev[:8]])] == ["k7"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Seed studies: groups of experiments that differ only in seed
+# ------------------------------------------------------------------------------------------------
+
+class StubFiles:
+    """compare.Files for synthetic experiments: each one's loss table, nothing from MLflow."""
+
+    def __init__(self, losses: dict[str, str]):
+        self.losses = losses
+
+    def attach(self, exp) -> None:
+        exp.runs = {}
+
+    def listing(self, exp, stage, plot):
+        if plot.files == ["reports/train_vae/loss.tsv"] and exp.name in self.losses:
+            return {"loss.tsv": self.losses[exp.name].encode()}
+        return {}
+
+
+def seed_study():
+    """Kernel 3 and kernel 7, seeds 0-2 each, plus the baseline (kernel 3, seed 0) and a lone kernel 5."""
+    fids = {3: [100.0, 101.0, 102.0], 7: [50.0, 51.0, 52.0]}
+    psnrs = {3: [20.0, 21.0, 22.0], 7: [20.5, 21.5, 19.5]}
+
+    def exp(name, kernel, seed, fid, psnr, kind="experiment"):
+        metrics = {"reports/sample/metrics.json": {"fid_ddpm": fid, "fid_extractor": "x"},
+                   "reports/train_vae/metrics.json": {"val_psnr": psnr, "steps": 40}}
+        return compare.Experiment(name, f"{abs(hash(name)):040x}"[:40], {"vae.decoder_kernel": kernel, "seed": seed},
+                                  metrics, kind=kind)
+
+    exps = [exp("main", 3, 0, fids[3][0], psnrs[3][0], kind="baseline")]
+    for kernel in (3, 7):
+        exps += [exp(f"k{kernel}-s{s}", kernel, s, fids[kernel][s], psnrs[kernel][s]) for s in range(3)]
+    exps.append(exp("k5", 5, 0, 70.0, 21.0))
+    # loss = (1 + seed) / step for every experiment: mean over seeds 0-2 is 2 / step, band 1 / step .. 3 / step
+    losses = {e.name: "step\tloss\n" + "".join(f"{t}\t{(1 + e.params['seed']) / t}\n" for t in (1, 2, 4)) for e in exps}
+    return exps, StubFiles(losses), fids, psnrs
+
+
+def test_group_experiments_by_params_except_seed():
+    exps, _, _, _ = seed_study()
+    groups = compare.group_experiments(exps)
+    assert [g.label for g in groups] == ["vae.decoder_kernel=3", "vae.decoder_kernel=7", "vae.decoder_kernel=5"]
+    assert [[e.name for e in g.members] for g in groups] == [["main", "k3-s1", "k3-s2"], ["k7-s0", "k7-s1", "k7-s2"],
+                                                             ["k5"]]
+    assert groups[0].duplicates == [("k3-s0", 0)] and groups[0].seeds == [0, 1, 2]  # seed 0 counted once
+    stage = report.Stage("sample", metrics=["reports/sample/metrics.json"])
+    assert compare.group_values(groups[1], stage, "fid_ddpm") == [50.0, 51.0, 52.0]
+    rows = compare.significance_rows(groups, stage, "fid_ddpm")
+    ref = __import__("scipy").stats.ttest_ind([100, 101, 102], [50, 51, 52], equal_var=False)
+    assert rows[0][:4] == ["sample: fid_ddpm", "vae.decoder_kernel=3", "vae.decoder_kernel=7", 50.0]
+    assert rows[0][6] == pytest.approx(ref.pvalue) and rows[0][7] == "significant"
+    assert rows[1][7] == "n=1: no test" and rows[1][4] is None  # the lone kernel 5
+    assert compare.significance_rows(groups, stage, "fid_ddpm", only_significant=True) == rows[:1]
+    assert compare.interval_text(None) == "-"
+    assert compare.interval_text(__import__("diffmodels.metrics.seeds").metrics.seeds.summarize([4.0])) == "4 (n=1)"
+
+
+def test_group_curve_is_the_mean_over_seeds_with_a_min_max_band():
+    exps, _, _, _ = seed_study()
+    group = compare.group_experiments(exps)[1]
+    per_exp = {e.name: {"loss": ("step", [1.0, 2.0, 4.0], [(1 + e.params["seed"]) / t for t in (1, 2, 4)])}
+               for e in group.members}
+    per_exp["k7-s2"]["loss"] = ("step", [1.0, 2.0], [3.0, 1.5])  # shorter run: only the shared steps
+    line = compare.group_curve(group, per_exp, "loss")
+    assert list(line.x) == [1.0, 2.0] and line.label == "vae.decoder_kernel=7 (n=3)"
+    assert line.y == pytest.approx([2.0, 1.0]) and line.low == pytest.approx([1.0, 0.5])
+    assert line.high == pytest.approx([3.0, 1.5])
+    assert compare.group_curve(group, per_exp, "missing") is None
+
+
+def test_compare_page_of_a_seed_study(tmp_path):
+    exps, files, fids, psnrs = seed_study()
+    stages = report.read_pipeline(write(tmp_path / "dvc.yaml", PIPELINE))
+    page = compare.render_compare(exps, stages, files)
+    seeds_html = re.search(r'id="seeds".*?</section>', page, re.S).group(0)
+    # 95% t interval of 3 seeds 1 apart: half-width t_{0.975,2} / sqrt(3) = 2.484
+    assert "101 \u00b1 2.484 (n=3)" in seeds_html and "51 \u00b1 2.484 (n=3)" in seeds_html
+    assert "70 (n=1)" in seeds_html and "Welch&#39;s t-test, two-sided, p &lt; 0.05" in seeds_html
+    assert "little power" in seeds_html and "k3-s0 (seed 0, vae.decoder_kernel=3)" in seeds_html
+    best = re.findall(r'<td class="best">([^<]*)</td>', seeds_html)
+    assert "51 \u00b1 2.484 (n=3)" in best  # lowest mean FID
+    tests = re.findall(r"<tr><td class=\"l\">(sample: fid_ddpm|train_vae: val_psnr)</td>(.*?)</tr>", seeds_html)
+    verdicts = [re.findall(r"<td[^>]*>([^<]*)</td>", cells)[-1] for _, cells in tests]
+    assert [t for t, _ in tests] == ["train_vae: val_psnr"] * 3 + ["sample: fid_ddpm"] * 3  # headline order
+    assert verdicts == ["not significant", "n=1: no test", "n=1: no test", "significant", "n=1: no test",
+                        "n=1: no test"]
+    curves = re.search(r'id="curves".*?</section>', page, re.S).group(0)
+    assert "mean over seeds, band min-max" in curves and curves.count("<img") == 1
+
+
+def test_compare_names_an_unknown_experiment_in_one_line(tmp_path, monkeypatch, capsys):
+    from stages import compare as compare_stage
+
+    write(tmp_path / "dvc.yaml", PIPELINE)
+    write(tmp_path / "params.yaml", yaml.safe_dump(params_with()))
+    m = {"reports/sample/metrics.json": {"fid_ddim": 1.0}}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare_stage.compare, "dvc_experiments",
+                        lambda root, stages: compare.parse_exp_show(*exp_show_rows(m, m, {"k7": m})))
+    with pytest.raises(SystemExit) as exit_info:
+        compare_stage.main(["--out", "c.html", "--dvc-yaml", "dvc.yaml", "k7", "mixer-none"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "'mixer-none'" in err and "main, k7" in err and not (tmp_path / "c.html").exists()
