@@ -47,7 +47,7 @@ def run(args) -> None:
         write_text(args.fid, report.fid_tsv(fids))
         write_json(args.metrics, report.report_metrics(inputs))
         write_text(args.html, report.render_index(inputs))
-        tracking.log_metrics({name.replace(": ", "."): fid for name, fid, _ in fids}, prefix="fid.")
+        tracking.log_metrics({r.name.replace(": ", "."): r.fid for r in fids}, prefix="fid.")
         for path in (args.html, args.metrics, args.fid):
             tracking.log_artifact(path)
     linked = sum(ref is not None and ref.matched for ref in inputs.runs.values())

@@ -48,7 +48,7 @@ from diffmodels.training.loop import (
     log_png,
 )
 from diffmodels.training.precision import Precision
-from diffmodels.training.state import EpochSampler
+from diffmodels.training.state import EpochSampler, derived_seed
 from stages._cli import base_parser, stage_main
 
 STAGE = "train_ddpm"
@@ -101,6 +101,8 @@ def train(args, params, world: distributed.World) -> None:
     """Train in this process: the only one, or one rank of a torchrun group (rank 0 writes)."""
     p, seed, device = params.ddpm, params.seed, world.device
     started = time.perf_counter()
+    # One seed drives the run: the initial weights (the global RNG, seeded here), the data order
+    # (EpochSampler) and the diffusion noise (t, eps, condition drops), each its own stream.
     torch.manual_seed(seed)
     precision = Precision.from_mode(device, p.amp)
     data = load_latents(args, p)
@@ -114,7 +116,8 @@ def train(args, params, world: distributed.World) -> None:
     trainer = Trainer(settings, world, model, params=params, groups=GROUPS,
                       identity={"latents": data.scale},  # changes with the VAE or the data
                       config=cfg.to_dict(), sampler=EpochSampler(len(data.mean), p.batch_size, seed),
-                      generator=torch.Generator().manual_seed(seed), precision=precision, ema=ema)
+                      generator=torch.Generator().manual_seed(derived_seed(seed, "diffusion noise")), precision=precision,
+                      ema=ema)
     trainer.resume()
     vae, _ = load_vae(args.vae, device)  # after the resume, as ever: building it draws from the global RNG
 

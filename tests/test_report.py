@@ -267,7 +267,8 @@ def test_report_page_and_metrics(project):
     assert everything["fid"] == {"sample: ddim": {"fid": 120.0, "kid": 0.12}, "sample: ddpm": {"fid": 100.0, "kid": 0.1}}
     assert all(r["matched_metrics"] for r in everything["mlflow_runs"].values())
     assert everything["params"]["vae"]["decoder_kernel"] == 3
-    expected = "sampler\tfid\tkid\nsample: ddpm\t100\t0.1\nsample: ddim\t120\t0.12\n"
+    expected = ("sampler\tfid\tkid\tfid_low\tfid_high\tfid_floor\nsample: ddpm\t100\t0.1\t\t\t\n"
+                "sample: ddim\t120\t0.12\t\t\t\n")
     assert (project.root / "reports/fid.tsv").read_text() == expected
     mlflow.set_tracking_uri(project.uri)
     runs = mlflow.search_runs(experiment_names=["diffmodels"], filter_string="tags.stage = 'report'", output_format="list")
@@ -420,3 +421,196 @@ def test_dvc_experiments_through_dvc_api(tmp_path):
     assert workspace.metrics == exps[1].metrics  # dvc exp run leaves the experiment in the workspace
     assert skipped == [("q5", "queued")]
     assert [e.name for e in compare.select(exps, [exps[1].rev[:8]])] == ["k7"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Seed studies: groups of experiments that differ only in seed
+# ------------------------------------------------------------------------------------------------
+
+class StubFiles:
+    """compare.Files for synthetic experiments: each one's loss table, nothing from MLflow."""
+
+    def __init__(self, losses: dict[str, str]):
+        self.losses = losses
+
+    def attach(self, exp) -> None:
+        exp.runs = {}
+
+    def listing(self, exp, stage, plot):
+        if plot.files == ["reports/train_vae/loss.tsv"] and exp.name in self.losses:
+            return {"loss.tsv": self.losses[exp.name].encode()}
+        return {}
+
+
+def seed_study():
+    """Kernel 3 and kernel 7, seeds 0-2 each, plus the baseline (kernel 3, seed 0) and a lone kernel 5."""
+    fids = {3: [100.0, 101.0, 102.0], 7: [50.0, 51.0, 52.0]}
+    psnrs = {3: [20.0, 21.0, 22.0], 7: [20.5, 21.5, 19.5]}
+
+    def exp(name, kernel, seed, fid, psnr, kind="experiment"):
+        metrics = {"reports/sample/metrics.json": {"fid_ddpm": fid, "fid_extractor": "x"},
+                   "reports/train_vae/metrics.json": {"val_psnr": psnr, "steps": 40}}
+        return compare.Experiment(name, f"{abs(hash(name)):040x}"[:40], {"vae.decoder_kernel": kernel, "seed": seed},
+                                  metrics, kind=kind)
+
+    exps = [exp("main", 3, 0, fids[3][0], psnrs[3][0], kind="baseline")]
+    for kernel in (3, 7):
+        exps += [exp(f"k{kernel}-s{s}", kernel, s, fids[kernel][s], psnrs[kernel][s]) for s in range(3)]
+    exps.append(exp("k5", 5, 0, 70.0, 21.0))
+    # loss = (1 + seed) / step for every experiment: mean over seeds 0-2 is 2 / step, band 1 / step .. 3 / step
+    losses = {e.name: "step\tloss\n" + "".join(f"{t}\t{(1 + e.params['seed']) / t}\n" for t in (1, 2, 4)) for e in exps}
+    return exps, StubFiles(losses), fids, psnrs
+
+
+def test_group_experiments_by_params_except_seed():
+    exps, _, _, _ = seed_study()
+    groups = compare.group_experiments(exps)
+    assert [g.label for g in groups] == ["vae.decoder_kernel=3", "vae.decoder_kernel=7", "vae.decoder_kernel=5"]
+    assert [[e.name for e in g.members] for g in groups] == [["main", "k3-s1", "k3-s2"], ["k7-s0", "k7-s1", "k7-s2"],
+                                                             ["k5"]]
+    assert groups[0].duplicates == [("k3-s0", 0)] and groups[0].seeds == [0, 1, 2]  # seed 0 counted once
+    stage = report.Stage("sample", metrics=["reports/sample/metrics.json"])
+    assert compare.group_values(groups[1], stage, "fid_ddpm") == [50.0, 51.0, 52.0]
+    rows = compare.significance_rows(groups, stage, "fid_ddpm")
+    ref = __import__("scipy").stats.ttest_ind([100, 101, 102], [50, 51, 52], equal_var=False)
+    assert rows[0][:4] == ["sample: fid_ddpm", "vae.decoder_kernel=3", "vae.decoder_kernel=7", 50.0]
+    assert rows[0][6] == pytest.approx(ref.pvalue) and rows[0][7] == "significant"
+    assert rows[1][7] == "n=1: no test" and rows[1][4] is None  # the lone kernel 5
+    assert compare.significance_rows(groups, stage, "fid_ddpm", only_significant=True) == rows[:1]
+    assert compare.interval_text(None) == "-"
+    assert compare.interval_text(__import__("diffmodels.metrics.seeds").metrics.seeds.summarize([4.0])) == "4 (n=1)"
+
+
+def test_group_curve_is_the_mean_over_seeds_with_a_min_max_band():
+    exps, _, _, _ = seed_study()
+    group = compare.group_experiments(exps)[1]
+    per_exp = {e.name: {"loss": ("step", [1.0, 2.0, 4.0], [(1 + e.params["seed"]) / t for t in (1, 2, 4)])}
+               for e in group.members}
+    per_exp["k7-s2"]["loss"] = ("step", [1.0, 2.0], [3.0, 1.5])  # shorter run: only the shared steps
+    line = compare.group_curve(group, per_exp, "loss")
+    assert list(line.x) == [1.0, 2.0] and line.label == "vae.decoder_kernel=7 (n=3)"
+    assert line.y == pytest.approx([2.0, 1.0]) and line.low == pytest.approx([1.0, 0.5])
+    assert line.high == pytest.approx([3.0, 1.5])
+    assert compare.group_curve(group, per_exp, "missing") is None
+
+
+def test_compare_page_of_a_seed_study(tmp_path):
+    exps, files, fids, psnrs = seed_study()
+    stages = report.read_pipeline(write(tmp_path / "dvc.yaml", PIPELINE))
+    page = compare.render_compare(exps, stages, files)
+    seeds_html = re.search(r'id="seeds".*?</section>', page, re.S).group(0)
+    # 95% t interval of 3 seeds 1 apart: half-width t_{0.975,2} / sqrt(3) = 2.484
+    assert "101 \u00b1 2.484 (n=3)" in seeds_html and "51 \u00b1 2.484 (n=3)" in seeds_html
+    assert "70 (n=1)" in seeds_html and "Welch&#39;s t-test, two-sided, p &lt; 0.05" in seeds_html
+    assert "little power" in seeds_html and "k3-s0 (seed 0, vae.decoder_kernel=3)" in seeds_html
+    best = re.findall(r'<td class="best">([^<]*)</td>', seeds_html)
+    assert "51 \u00b1 2.484 (n=3)" in best  # lowest mean FID
+    tests = re.findall(r"<tr><td class=\"l\">(sample: fid_ddpm|train_vae: val_psnr)</td>(.*?)</tr>", seeds_html)
+    verdicts = [re.findall(r"<td[^>]*>([^<]*)</td>", cells)[-1] for _, cells in tests]
+    assert [t for t, _ in tests] == ["train_vae: val_psnr"] * 3 + ["sample: fid_ddpm"] * 3  # headline order
+    assert verdicts == ["not significant", "n=1: no test", "n=1: no test", "significant", "n=1: no test",
+                        "n=1: no test"]
+    curves = re.search(r'id="curves".*?</section>', page, re.S).group(0)
+    assert "mean over seeds, band min-max" in curves and curves.count("<img") == 1
+
+
+def test_compare_names_an_unknown_experiment_in_one_line(tmp_path, monkeypatch, capsys):
+    from stages import compare as compare_stage
+
+    write(tmp_path / "dvc.yaml", PIPELINE)
+    write(tmp_path / "params.yaml", yaml.safe_dump(params_with()))
+    m = {"reports/sample/metrics.json": {"fid_ddim": 1.0}}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare_stage.compare, "dvc_experiments",
+                        lambda root, stages: compare.parse_exp_show(*exp_show_rows(m, m, {"k7": m})))
+    with pytest.raises(SystemExit) as exit_info:
+        compare_stage.main(["--out", "c.html", "--dvc-yaml", "dvc.yaml", "k7", "mixer-none"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "'mixer-none'" in err and "main, k7" in err and not (tmp_path / "c.html").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# FID / KID results with intervals and floors (and older metrics files without them)
+# ------------------------------------------------------------------------------------------------
+
+def fid_result(fid, low, high, floor, n_fake, sets=True):
+    out = {"fid": fid, "fid_low": low, "fid_high": high, "fid_floor": floor, "fid_floor_std": 0.3, "kid_mean": 0.02,
+           "kid_std": 0.004, "kid_low": 0.015, "kid_high": 0.025, "num_real": 1000, "num_fake": n_fake,
+           "extractor": "inception-v3 test"}
+    return {**out, **({"precision": 0.7, "recall": 0.6, "density": 0.9, "coverage": 0.8} if sets else {})}
+
+
+NEW_METRICS = {
+    "sample": {"num_images": 500, "ddpm": fid_result(40.0, 38.0, 42.5, 2.5, 500),
+               "ddim": fid_result(45.0, 43.0, 47.0, 2.5, 500), "seconds_per_image_ddim": 0.1},
+    "eval_inpaint": {"fid": {"repaint": fid_result(12.0, 11.0, 13.5, 1.5, 64, sets=False)},
+                     "clamp": {"centre": {"psnr": 30.0}}},
+}
+OLD_METRICS = {"sample": {"fid_ddpm": 100.0, "kid_ddpm": 0.1, "kid_std_ddpm": 0.01, "fid_extractor": "x"},
+               "eval_inpaint": {"fid": {"repaint": 12.0}, "kid": {"repaint": 0.2}}}
+
+
+def report_inputs(tmp_path, metrics):
+    stages = [report.Stage("sample", metrics=["reports/sample/metrics.json"]),
+              report.Stage("eval_inpaint", metrics=["reports/eval_inpaint/metrics.json"])]
+    return report.ReportInputs(root=tmp_path, stages=stages, params={"seed": 0}, metrics=metrics,
+                               runs={"sample": None, "eval_inpaint": None}, tracking_uri="sqlite:///x.db")
+
+
+def test_fid_results_carry_interval_floor_and_sizes(tmp_path, monkeypatch):
+    rows = report.fid_rows(NEW_METRICS)
+    assert [r.name for r in rows] == ["sample: ddpm", "sample: ddim", "eval_inpaint: repaint"]
+    assert (rows[0].fid, rows[0].kid, rows[0].interval("fid_low", "fid_high")) == (40.0, 0.02, (38.0, 42.5))
+    assert rows[2].get("precision") is None and rows[2].get("num_fake") == 64
+    table = report.fid_table(rows)
+    assert table["header"] == ["result", "FID", "FID 95% interval", "FID floor (real vs real) \u00b1 std",
+                               "KID \u00b1 std", "KID 95% interval", "n generated / real", "precision", "recall",
+                               "density", "coverage", "extractor"]
+    assert table["rows"][0] == ["sample: ddpm", 40.0, "[38, 42.5]", "2.5 \u00b1 0.3", "0.02 \u00b1 0.004",
+                                "[0.015, 0.025]", "500 / 1000", 0.7, 0.6, 0.9, 0.8, "inception-v3 test"]
+    assert table["rows"][2][7:11] == [None] * 4  # inpainting fills: no precision / recall
+    assert report.fid_tsv(rows).splitlines()[1:] == ["sample: ddpm\t40\t0.02\t38\t42.5\t2.5",
+                                                     "sample: ddim\t45\t0.02\t43\t47\t2.5",
+                                                     "eval_inpaint: repaint\t12\t0.02\t11\t13.5\t1.5"]
+    drawn = {}
+    real_bars = report.hp.bar_chart
+
+    def bars(labels, values, title, xlabel, colors=None, intervals=None):
+        drawn.update(labels=labels, values=values, intervals=intervals, title=title)
+        return real_bars(labels, values, title, xlabel, colors, intervals)
+
+    monkeypatch.setattr(report.hp, "bar_chart", bars)
+    inputs = report_inputs(tmp_path, NEW_METRICS)
+    page = report.render_index(inputs)
+    assert drawn["intervals"] == [(38.0, 42.5), (43.0, 47.0), (11.0, 13.5)] and "95% interval" in drawn["title"]
+    summary = re.search(r'id="summary".*?</section>', page, re.S).group(0)
+    assert "95% [38, 42.5], n=500, floor 2.5" in summary and "FID, eval_inpaint: repaint" in summary
+    assert "fid_low" not in summary and ">[11, 13.5]<" in summary and ">500 / 1000<" in summary
+    everything = report.report_metrics(inputs)["fid"]
+    assert everything["sample: ddpm"] == {"fid": 40.0, "kid": 0.02, **{k: v for k, v in fid_result(
+        40.0, 38.0, 42.5, 2.5, 500).items() if k not in ("fid", "kid_mean")}}
+
+
+def test_bar_chart_error_bars_are_drawn():
+    plain = report.hp.bar_chart(["a", "b"], [10.0, 20.0], "t", "FID")
+    assert report.hp.bar_chart(["a", "b"], [10.0, 20.0], "t", "FID", intervals=[None, None]) == plain
+    with_bars = report.hp.bar_chart(["a", "b"], [10.0, 20.0], "t", "FID", intervals=[(8.0, 12.0), None])
+    a, b = (np.asarray(Image.open(io.BytesIO(x)).convert("L"), dtype=int) for x in (plain, with_bars))
+    assert a.shape == b.shape and ((b < 60) & (a > 200)).sum() > 20  # dark error-bar pixels where there were none
+
+
+def test_report_degrades_on_older_metrics_files(tmp_path):
+    """FID and KID without interval, floor or sizes: their columns are left out, nothing breaks."""
+    rows = report.fid_rows(OLD_METRICS)
+    assert [(r.name, r.fid, r.kid) for r in rows] == [("sample: ddpm", 100.0, 0.1), ("eval_inpaint: repaint", 12.0, 0.2)]
+    table = report.fid_table(rows)
+    assert table == {"header": ["result", "FID", "KID \u00b1 std"],
+                     "rows": [["sample: ddpm", 100.0, "0.1 \u00b1 0.01"], ["eval_inpaint: repaint", 12.0, "0.2"]]}
+    half = {"sample": {"ddpm": {"fid": 30.0, "fid_low": 28.0, "num_real": 10}}}  # a partial result dict
+    partial = report.fid_table(report.fid_rows(half))
+    assert partial["header"] == ["result", "FID", "n generated / real"] and partial["rows"][0][2] == "? / 10"
+    page = report.render_index(report_inputs(tmp_path, OLD_METRICS))
+    summary = re.search(r'id="summary".*?</section>', page, re.S).group(0)
+    assert "FID, DDPM sampler" in summary and "95% [" not in summary and "bars: 95% interval" not in page
+    assert report.fid_table([]) is None

@@ -12,11 +12,20 @@ Sources
     match (:func:`diffmodels.reporting.report.pick_run`), preferring runs tagged with the experiment's name
     (``dvc_exp_name``), searching its child runs too (eval_inpaint logs panels per method).
 
+Seeds
+    Experiments whose params are equal except ``seed`` form a *group* (:func:`group_experiments`;
+    two runs of one group with the same seed count once). Each metric of a group is shown as
+    its mean +- the half-width of the 95% Student t interval over the group's seeds, with n (n = 1:
+    one run, no interval), and each pair of groups is compared by Welch's t-test, two-sided,
+    significant when p < 0.05 (:mod:`diffmodels.metrics.seeds`; docs/metrics.md#seeds).
+
 Page
     1. params that differ, with headline metrics, best per column marked;
-    2. every numeric metric that differs, one row per metric, best marked;
-    3. data plots of ``dvc.yaml`` (loss, validation, leakage) overlaid, one line per experiment;
-    4. image plots side by side, one column per experiment (images equal in all shown once).
+    2. with seeds: groups (mean +- 95% interval, n) and which differences are significant;
+    3. every numeric metric that differs, one row per metric, best marked;
+    4. data plots of ``dvc.yaml`` (loss, validation, leakage) overlaid, one line per experiment
+       or, with seeds, one per group: the mean over its seeds with a min-max band;
+    5. image plots side by side, one column per experiment (images equal in all shown once).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -34,10 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from diffmodels.core.errors import DiffmodelsError
+from diffmodels.metrics import seeds
 from diffmodels.reporting import htmlpage as hp
 from diffmodels.reporting import report
 
 NOT_FINISHED = ("queued", "running", "failed")
+SEED_KEY = "seed"  # the param that tells the runs of one group apart
 
 
 @dataclass
@@ -163,7 +175,7 @@ def direction(key: str) -> str | None:
     """'max', 'min', 'one' (closest to 1 is best) or None (not a quality measure) for a metric key."""
     k = key.lower()
     tokens = set(re.split(r"[/._\-]", k))
-    if "per_second" in k or tokens & {"psnr", "ssim"}:
+    if "per_second" in k or tokens & {"psnr", "ssim", "precision", "recall", "coverage"}:
         return "max"
     if "seam" in tokens:
         return "one"
@@ -181,6 +193,101 @@ def best_index(values: Sequence[Any], how: str | None) -> set[int]:
     score = {"max": lambda v: -v, "min": lambda v: v, "one": lambda v: abs(v - 1.0)}[how]
     top = min(score(v) for _, v in numbers)
     return {i for i, v in numbers if score(v) == top}
+
+
+# ------------------------------------------------------------------------------------------------
+# Groups of seeds
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Group:
+    """Experiments with the same params except ``seed``."""
+
+    label: str  # the params that set it apart (``ddpm.mixer=attention``), or the experiment's name
+    members: list[Experiment]
+    duplicates: list[tuple[str, Any]] = field(default_factory=list)  # (experiment, seed) counted once already
+    color: str = ""
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [e.params.get(SEED_KEY) for e in self.members]
+
+
+def group_experiments(exps: Sequence[Experiment]) -> list[Group]:
+    """Groups of ``exps`` by every param but ``seed``, in order of first appearance. A second run
+    of a group with a seed it already has (the baseline and an experiment that repeats it) is left
+    out of the group's numbers, so n counts distinct seeds."""
+    keys = sorted({k for e in exps for k in e.params if k != SEED_KEY})
+    diff = [k for k in keys if differing([e.params.get(k) for e in exps])]
+    groups: dict[str, Group] = {}
+    for e in exps:
+        sig = json.dumps({k: e.params.get(k) for k in keys}, sort_keys=True, default=str)
+        if sig not in groups:
+            label = ", ".join(f"{k}={hp.fmt(e.params.get(k))}" for k in diff) or (e.name if len(exps) == 1 else "all")
+            groups[sig] = Group(label, [])
+        group = groups[sig]
+        seed = e.params.get(SEED_KEY)
+        if any(m.params.get(SEED_KEY) == seed for m in group.members):
+            group.duplicates.append((e.name, seed))
+        else:
+            group.members.append(e)
+    return list(groups.values())
+
+
+def group_values(group: Group, stage: report.Stage, key: str) -> list[float]:
+    """The numbers of metric ``key`` (of ``stage``) over the group's runs that have it."""
+    values = [stage_metrics(e, stage).get(key) for e in group.members]
+    return [float(v) for v in values if report.is_number(v)]
+
+
+def interval_text(summary: seeds.Summary | None) -> str:
+    """``mean +- half-width (n=3)``, or ``value (n=1)``; '-' without numbers."""
+    if summary is None:
+        return "-"
+    if summary.n == 1:
+        return f"{hp.fmt(summary.mean)} (n=1)"
+    return f"{hp.fmt(summary.mean)} \u00b1 {hp.fmt(summary.half_width)} (n={summary.n})"
+
+
+def significance_rows(groups: Sequence[Group], stage: report.Stage, key: str, only_significant: bool = False
+                      ) -> list[list[Any]]:
+    """[metric, group a, group b, mean a - mean b, t, df, p, verdict] for every pair of groups."""
+    rows = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            xa, xb = group_values(a, stage, key), group_values(b, stage, key)
+            if not xa or not xb:
+                continue
+            test = seeds.welch(xa, xb)
+            diff = seeds.summarize(xa).mean - seeds.summarize(xb).mean
+            if test is None:
+                why = "n=1: no test" if min(len(xa), len(xb)) < 2 else "no spread: no test"
+                if not only_significant:
+                    rows.append([f"{stage.name}: {key}", a.label, b.label, diff, None, None, None, why])
+                continue
+            if only_significant and not test.significant:
+                continue
+            rows.append([f"{stage.name}: {key}", a.label, b.label, diff, round(test.t, 3), round(test.df, 2),
+                         test.p, "significant" if test.significant else "not significant"])
+    return rows
+
+
+def group_curve(group: Group, per_exp: Mapping[str, Mapping[str, tuple[str, list, list]]], column: str
+                ) -> hp.Series | None:
+    """The group's mean curve over its seeds with a min-max band, on the x values all its runs share."""
+    curves = [per_exp[e.name][column] for e in group.members if column in per_exp.get(e.name, {})]
+    if not curves:
+        return None
+    maps = [dict(zip(xs, ys)) for _, xs, ys in curves]
+    shared = sorted(set.intersection(*(set(m) for m in maps)))
+    if not shared:
+        return None
+    rows = [[m[x] for m in maps] for x in shared]
+    label = f"{group.label} (n={len(curves)})"
+    if len(curves) == 1:
+        return hp.Series(label, shared, [r[0] for r in rows], color=group.color)
+    return hp.Series(label, shared, [math.fsum(r) / len(r) for r in rows], color=group.color,
+                     low=[min(r) for r in rows], high=[max(r) for r in rows])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,11 +425,45 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
         for i in best_index([per_stage[s][r].get(k) for r in range(len(exps))], direction(k)):
             best.add((i, 1 + len(diff_params) + j))
     summary = {"header": ["experiment", *diff_params, *(k for _, k in heads)], "rows": rows, "best": best}
+
+    # 2. groups of seeds: mean +- 95% interval, and Welch's t-test between groups
+    groups = group_experiments(exps)
+    study = any(len(g.members) > 1 for g in groups)
+    by_name = {s.name: s for s in stages}
+    seed_view = None
+    if study:
+        for i, g in enumerate(groups):
+            g.color = hp.PALETTE[i % len(hp.PALETTE)]
+        g_rows, g_best = [], set()
+        for g in groups:
+            g_rows.append([hp.chip(g.color) + g.label, len(g.members), ", ".join(hp.fmt(v) for v in g.seeds),
+                           *(interval_text(seeds.summarize(v)) if (v := group_values(g, by_name[s], k)) else None
+                             for s, k in heads)])
+        for j, (s, k) in enumerate(heads):
+            means = [seeds.summarize(v).mean if (v := group_values(g, by_name[s], k)) else None for g in groups]
+            g_best |= {(i, 3 + j) for i in best_index(means, direction(k))}
+        head_keys = set(heads)
+        tests = [r for s, k in heads for r in significance_rows(groups, by_name[s], k)]
+        others = []
+        for s in stages:
+            for k in sorted({k for m in per_stage[s.name] for k, v in m.items() if report.is_number(v)}):
+                if (s.name, k) not in head_keys:
+                    others += significance_rows(groups, s, k, only_significant=True)
+        seed_view = {
+            "groups": {"header": ["group", "n", "seeds", *(k for _, k in heads)], "rows": g_rows, "best": g_best},
+            "duplicates": [(name, seed, g.label) for g in groups for name, seed in g.duplicates],
+            "tests": {"header": ["metric", "group a", "group b", "mean a - mean b", "t", "df", "p", seeds.TEST_NAME],
+                      "rows": tests},
+            "others": {"header": ["metric", "group a", "group b", "mean a - mean b", "t", "df", "p", "verdict"],
+                       "rows": others},
+            "min_n": min(len(g.members) for g in groups), "test_name": seeds.TEST_NAME,
+        }
+        nav.append(("seeds", "seeds"))
     kinds = ", ".join(f"{e.name} ({e.kind}{', ' + e.rev[:7] if e.rev and e.kind != 'workspace' else ''})"
                       for e in exps)
     nav.append(("summary", "summary"))
 
-    # 2. every numeric metric that differs
+    # 3. every numeric metric that differs
     metric_blocks = []
     for s in stages:
         ms = per_stage[s.name]
@@ -339,7 +480,7 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
     if metric_blocks:
         nav.append(("metrics", "metrics"))
 
-    # 3. curves overlaid
+    # 4. curves overlaid
     charts = []
     for s in stages:
         for plot in s.plots:
@@ -354,20 +495,24 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
                 per_exp[e.name] = report.plot_series(plot, tables)
             columns = list(dict.fromkeys(c for series in per_exp.values() for c in series))
             for column in columns:
-                lines = [hp.Series(e.name, *per_exp[e.name][column][1:], color=e.color)
-                         for e in exps if column in per_exp[e.name]]
+                if study:  # one line per group: the mean over its seeds, min-max band
+                    lines = [line for g in groups if (line := group_curve(g, per_exp, column)) is not None]
+                else:
+                    lines = [hp.Series(e.name, *per_exp[e.name][column][1:], color=e.color)
+                             for e in exps if column in per_exp[e.name]]
                 if not lines:
                     continue
-                if len(lines) == len(exps) > 1 and all(
+                if not study and len(lines) == len(exps) > 1 and all(
                         (list(line.x), list(line.y)) == (list(lines[0].x), list(lines[0].y)) for line in lines):
                     lines = [hp.Series(f"all {len(exps)} (identical)", lines[0].x, lines[0].y, color="#475569")]
                 x_name = next(per_exp[e.name][column][0] for e in exps if column in per_exp[e.name])
-                title = report.plot_title(plot) + ("" if len(columns) == 1 else f" - {column}")
+                title = report.plot_title(plot) + ("" if len(columns) == 1 else f" - {column}") + (
+                    "; mean over seeds, band min-max" if study else "")
                 charts.append(hp.figure(hp.line_chart(lines, title, x_name, column), f"{s.name}: {title}"))
     if charts:
         nav.append(("curves", "curves"))
 
-    # 4. images side by side
+    # 5. images side by side
     image_blocks = []
     for s in stages:
         image_rows = []
@@ -391,12 +536,12 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
     if image_blocks:
         nav.append(("images", "images"))
 
-    # 5. where each column came from
+    # 6. where each column came from
     runs_rows = [[s.name, *((("workspace files; " if s.name in e.local else "")
                              + report.run_link(e.runs.get(s.name), tracking_uri)) for e in exps)] for s in stages]
     nav.append(("runs", "runs"))
     return hp.render(
         "compare.html.j2", title="diffmodels: experiment comparison", nav=nav, names=[e.name for e in exps],
-        runs=exps, kinds=kinds, diff_params=diff_params, skipped=list(skipped), summary=summary,
+        runs=exps, kinds=kinds, diff_params=diff_params, skipped=list(skipped), summary=summary, seed_view=seed_view,
         metric_blocks=metric_blocks, metric_rows=sum(len(b["rows"]) + 1 for b in metric_blocks),
         charts=charts, image_blocks=image_blocks, runs_table={"header": ["stage", *head], "rows": runs_rows})

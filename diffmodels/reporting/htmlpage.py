@@ -133,6 +133,8 @@ class Series:
     x: Sequence[float]
     y: Sequence[float]
     color: str | None = None
+    low: Sequence[float] | None = None  # a band drawn around y (e.g. min / max over seeds), same length
+    high: Sequence[float] | None = None
 
 
 def ema(values: Sequence[float], span: int) -> list[float]:
@@ -148,13 +150,18 @@ def ema(values: Sequence[float], span: int) -> list[float]:
 def line_chart(series: Sequence[Series], title: str, xlabel: str, ylabel: str, *, smooth: bool | None = None,
                logy: bool | None = None, size: tuple[float, float] = (6.4, 3.6)) -> bytes:
     """A PNG line chart. Long noisy series (> 60 points) are drawn faint with an EMA line on top;
-    the y axis is logarithmic when positive data spans more than 20x (training losses)."""
+    the y axis is logarithmic when positive data spans more than 20x (training losses). A series
+    with ``low`` / ``high`` gets a shaded band between them (each smoothed alike when long)."""
     fig = Figure(figsize=size, dpi=100)  # 640 px: two charts side by side on a laptop screen
     ax = fig.add_subplot()
     values = [v for s in series for v in s.y if math.isfinite(v)]
     for i, s in enumerate(series):
         color = s.color or PALETTE[i % len(PALETTE)]
         long = len(s.y) > 60 if smooth is None else smooth
+        if s.low is not None and s.high is not None:
+            span = max(5, len(s.y) // 40)
+            low, high = (ema(s.low, span), ema(s.high, span)) if long else (s.low, s.high)
+            ax.fill_between(s.x, low, high, color=color, alpha=0.18, linewidth=0)
         if long:
             ax.plot(s.x, s.y, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(s.x, ema(s.y, max(5, len(s.y) // 40)), color=color, linewidth=1.8, label=s.label)
@@ -176,15 +183,24 @@ def line_chart(series: Sequence[Series], title: str, xlabel: str, ylabel: str, *
 
 
 def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, xlabel: str,
-              colors: Sequence[str] | None = None) -> bytes:
-    """Horizontal bars, one per label (e.g. FID per sampler / method)."""
+              colors: Sequence[str] | None = None,
+              intervals: Sequence[tuple[float, float] | None] | None = None) -> bytes:
+    """Horizontal bars, one per label (e.g. FID per sampler / method); ``intervals`` (low, high)
+    per bar, or None for a bar without one, are drawn as error bars."""
     fig = Figure(figsize=(6.4, 0.45 * len(labels) + 1.0), dpi=110)
     ax = fig.add_subplot()
     ax.barh(range(len(labels)), values, color=colors or PALETTE[0])
     ax.set_yticks(range(len(labels)), labels, fontsize=9)
     ax.invert_yaxis()
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {fmt(float(v))}", va="center", fontsize=8)
+    ends = list(values)
+    for i, (v, iv) in enumerate(zip(values, intervals or [None] * len(values))):
+        if iv is not None:
+            low, high = iv
+            ax.errorbar([v], [i], xerr=[[max(0.0, v - low)], [max(0.0, high - v)]], fmt="none", ecolor="#111827",
+                        elinewidth=1.2, capsize=4)
+            ends[i] = max(v, high)
+    for i, (v, end) in enumerate(zip(values, ends)):
+        ax.text(end, i, f" {fmt(float(v))}", va="center", fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.margins(x=0.15)

@@ -412,28 +412,152 @@ class ReportInputs:
     tracking_error: str | None = None
 
 
-def fid_rows(metrics_by_stage: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, float, float | None]]:
-    """(sampler or method, FID, KID) for every FID the pipeline computed: sample's ``fid_<sampler>``
-    and eval_inpaint's ``fid/<method>``."""
+# The keys of one FID/KID result (diffmodels.metrics.fid, docs/metrics.md): FID with its bootstrap
+# interval and its floor (real vs real at the same sizes), KID with its spread and interval, the
+# sizes and the feature extractor; a set of samples also has precision / recall / density / coverage.
+RESULT_KEYS = ("fid", "fid_low", "fid_high", "fid_floor", "fid_floor_std", "kid_mean", "kid_std", "kid_low",
+               "kid_high", "num_real", "num_fake", "extractor")
+SET_KEYS = ("precision", "recall", "density", "coverage")
+
+
+@dataclass
+class FidResult:
+    """One FID the pipeline computed, with whatever of RESULT_KEYS / SET_KEYS its metrics file holds
+    (an older file has the FID and KID only)."""
+
+    name: str  # "<stage>: <sampler or method>"
+    fid: float
+    kid: float | None
+    values: dict[str, Any] = field(default_factory=dict)  # RESULT_KEYS / SET_KEYS present, kid_mean as kid
+
+    def get(self, key: str) -> Any:
+        value = self.values.get(key)
+        return value if is_number(value) or isinstance(value, str) else None
+
+    def interval(self, low: str, high: str) -> tuple[float, float] | None:
+        lo, hi = self.get(low), self.get(high)
+        return (float(lo), float(hi)) if is_number(lo) and is_number(hi) else None
+
+
+def is_result(value: Any) -> bool:
+    """A FID/KID result dict: a mapping with a numeric ``fid``."""
+    return isinstance(value, Mapping) and is_number(value.get("fid"))
+
+
+def _results(metrics: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Mapping]]:
+    out = []
+    for key, value in metrics.items():
+        if is_result(value):
+            out.append(((*path, str(key)), value))
+        elif isinstance(value, Mapping):
+            out += _results(value, (*path, str(key)))
+    return out
+
+
+def without_results(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` with its FID/KID result dicts taken out (they have their own table)."""
+    return {k: without_results(v) if isinstance(v, Mapping) else v
+            for k, v in metrics.items() if not is_result(v)}
+
+
+def _result_name(path: Sequence[str]) -> str:
+    parts = [p.removeprefix("fid_") for p in path if p not in ("fid", "fid_kid", "results")]
+    return "/".join(parts) or "fid"
+
+
+def fid_rows(metrics_by_stage: Mapping[str, Mapping[str, Any]]) -> list[FidResult]:
+    """Every FID the pipeline computed. Result dicts (a mapping with ``fid`` and the RESULT_KEYS,
+    anywhere in a stage's metrics: ``fid_ddpm: {...}``, ``fid: {repaint: {...}}``) are named by
+    their path; older files' flat ``fid_<sampler>`` / ``fid/<method>`` numbers with
+    ``kid_<sampler>`` / ``kid/<method>`` are read as FID and KID alone."""
     rows = []
     for stage, metrics in metrics_by_stage.items():
-        flat = flatten_metrics(metrics)
+        for path, result in _results(metrics):
+            values = {k: result[k] for k in (*RESULT_KEYS, *SET_KEYS) if k in result}
+            kid = result.get("kid_mean", result.get("kid"))
+            rows.append(FidResult(f"{stage}: {_result_name(path)}", float(result["fid"]),
+                                  float(kid) if is_number(kid) else None, values))
+        flat = flatten_metrics(without_results(metrics))
         for key, value in flat.items():
             name = key[4:] if key.startswith(("fid_", "fid/")) else None
             if name is None or name == "extractor" or not is_number(value):
                 continue
             kid = flat.get(f"kid{key[3]}{name}")
-            rows.append((f"{stage}: {name}", float(value), float(kid) if is_number(kid) else None))
+            kid_std = flat.get(f"kid_std{key[3]}{name}")
+            values = {"kid_std": kid_std} if is_number(kid_std) else {}
+            rows.append(FidResult(f"{stage}: {name}", float(value), float(kid) if is_number(kid) else None, values))
     return rows
 
 
-def fid_tsv(rows: Sequence[tuple[str, float, float | None]]) -> str:
-    """``reports/fid.tsv`` (sampler, fid, kid; 6 significant digits), drawn by ``dvc plots``."""
+TSV_COLUMNS = ("fid_low", "fid_high", "fid_floor")
+
+
+def fid_tsv(rows: Sequence[FidResult]) -> str:
+    """``reports/fid.tsv`` (sampler, fid, kid, FID interval and floor; 6 significant digits; blank
+    when a metrics file does not have it), drawn by ``dvc plots``."""
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
-    writer.writerow(["sampler", "fid", "kid"])
-    writer.writerows([n, f"{f:.6g}", "" if k is None else f"{k:.6g}"] for n, f, k in rows)
+    writer.writerow(["sampler", "fid", "kid", *TSV_COLUMNS])
+
+    def g(v):
+        return "" if not is_number(v) else f"{v:.6g}"
+
+    writer.writerows([r.name, g(r.fid), g(r.kid), *(g(r.get(c)) for c in TSV_COLUMNS)] for r in rows)
     return buf.getvalue()
+
+
+# Columns of the summary's FID table: (heading, how to show a FidResult), shown when any row has it.
+def _interval_cell(r: FidResult, low: str, high: str) -> str | None:
+    iv = r.interval(low, high)
+    return None if iv is None else f"[{hp.fmt(iv[0])}, {hp.fmt(iv[1])}]"
+
+
+def _pm_cell(r: FidResult, mean: Any, std: str) -> str | None:
+    if not is_number(mean):
+        return None
+    spread = r.get(std)
+    return hp.fmt(float(mean)) + ("" if not is_number(spread) else f" \u00b1 {hp.fmt(float(spread))}")
+
+
+def _n_cell(r: FidResult) -> str | None:
+    fake, real = r.get("num_fake"), r.get("num_real")
+    if not is_number(fake) and not is_number(real):
+        return None
+    return f"{hp.fmt(fake) if is_number(fake) else '?'} / {hp.fmt(real) if is_number(real) else '?'}"
+
+
+FID_COLUMNS = (
+    ("FID", lambda r: r.fid),
+    ("FID 95% interval", lambda r: _interval_cell(r, "fid_low", "fid_high")),
+    ("FID floor (real vs real) \u00b1 std", lambda r: _pm_cell(r, r.get("fid_floor"), "fid_floor_std")),
+    ("KID \u00b1 std", lambda r: _pm_cell(r, r.kid, "kid_std")),
+    ("KID 95% interval", lambda r: _interval_cell(r, "kid_low", "kid_high")),
+    ("n generated / real", _n_cell),
+    *((k, lambda r, k=k: r.get(k)) for k in SET_KEYS),
+    ("extractor", lambda r: r.get("extractor")),
+)
+
+
+def fid_table(rows: Sequence[FidResult]) -> dict[str, list] | None:
+    """The summary's FID/KID table: one row per result, the columns any result has."""
+    if not rows:
+        return None
+    cells = [[get(r) for _, get in FID_COLUMNS] for r in rows]
+    keep = [j for j in range(len(FID_COLUMNS)) if any(c[j] is not None for c in cells)]
+    return {"header": ["result", *(FID_COLUMNS[j][0] for j in keep)],
+            "rows": [[r.name, *(c[j] for j in keep)] for r, c in zip(rows, cells)]}
+
+
+def fid_card_note(r: FidResult) -> str:
+    """``[low, high], n=1000, floor 2.1`` of a result (what it has), for its summary card."""
+    parts = []
+    if (iv := r.interval("fid_low", "fid_high")) is not None:
+        parts.append(f"95% [{hp.fmt(iv[0])}, {hp.fmt(iv[1])}]")
+    if is_number(r.get("num_fake")):
+        parts.append(f"n={hp.fmt(r.get('num_fake'))}")
+    if is_number(r.get("fid_floor")):
+        parts.append(f"floor {hp.fmt(float(r.get('fid_floor')))}")
+    return ", ".join(parts)
 
 
 def _params_rows(params: Mapping[str, Any]) -> tuple[list, list]:
@@ -533,13 +657,20 @@ def render_index(inputs: ReportInputs, skip: Iterable[str] = ("report",)) -> str
     skip = set(skip)
     stages = [s for s in inputs.stages if s.name not in skip]
     by_stage = {s.name: inputs.metrics.get(s.name, {}) for s in stages}
-    cards = [{"label": label, "stage": stage, "key": key, "value": value}
-             for label, stage, key, value in headlines(by_stage)]
     rows = fid_rows(by_stage)
+    # FID/KID result dicts are shown by the FID table and their own cards, not as loose headlines
+    cards = [{"label": label, "stage": stage, "key": key, "value": value, "note": ""}
+             for label, stage, key, value in headlines({n: without_results(m) for n, m in by_stage.items()})]
+    cards += [{"label": f"FID, {r.name}", "stage": r.name.split(":")[0], "key": "fid", "value": r.fid,
+               "note": fid_card_note(r)} for r in rows if r.values.get("fid_low") is not None
+              or r.values.get("num_fake") is not None]
     fid_figure = None
     if rows:
-        fid_figure = hp.figure(hp.bar_chart([r[0] for r in rows], [r[1] for r in rows],
-                                            "FID per sampler / inpainting method (lower is better)", "FID"),
+        intervals = [r.interval("fid_low", "fid_high") for r in rows]
+        fid_figure = hp.figure(hp.bar_chart([r.name for r in rows], [r.fid for r in rows],
+                                            "FID per sampler / inpainting method (lower is better)"
+                                            + ("; bars: 95% interval" if any(intervals) else ""), "FID",
+                                            intervals=intervals),
                                "FID per sampler")
     nav = [("summary", "summary")] + [(s.name, s.name) for s in stages]
     bench = _bench_items(inputs.bench_dir) if inputs.bench_dir is not None else []
@@ -550,7 +681,7 @@ def render_index(inputs: ReportInputs, skip: Iterable[str] = ("report",)) -> str
     param_scalars, param_groups = _params_rows(inputs.params)
     return hp.render(
         "report.html.j2", title="diffmodels report", nav=nav, context=inputs.context, cards=cards,
-        fid_figure=fid_figure, compare_page=inputs.compare_page, tracking_error=inputs.tracking_error,
+        fid_figure=fid_figure, fid_table=fid_table(rows), compare_page=inputs.compare_page, tracking_error=inputs.tracking_error,
         tracking_uri=inputs.tracking_uri,
         experiment_url=ui_url(inputs.tracking_uri, experiment_id) if experiment_id else None,
         stages=[stage_view(inputs, s) for s in stages], bench=bench,
@@ -570,7 +701,8 @@ def report_metrics(inputs: ReportInputs) -> dict:
     return {
         "params": inputs.params,
         "stages": {s.name: inputs.metrics.get(s.name, {}) for s in stages},
-        "fid": {name: {"fid": f, "kid": k} for name, f, k in fid_rows({s.name: inputs.metrics.get(s.name, {}) for s in stages})},
+        "fid": {r.name: {"fid": r.fid, "kid": r.kid, **{k: v for k, v in r.values.items() if k != "kid_mean"}}
+                for r in fid_rows({s.name: inputs.metrics.get(s.name, {}) for s in stages})},
         "mlflow_runs": {name: (None if ref is None else {"run_id": ref.run_id, "experiment_id": ref.experiment_id,
                                                           "matched_metrics": ref.matched})
                         for name, ref in inputs.runs.items()},

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -35,11 +37,23 @@ from diffmodels.core.errors import CheckpointError, DiffmodelsError
 # --------------------------------------------------------------------------------------------
 
 
+def derived_seed(seed: int, purpose: str, *keys: int) -> int:
+    """A 63-bit seed for one use (``purpose``, e.g. "data order", and integer ``keys``) of the run's
+    ``seed``: numpy's SeedSequence hash of (seed, crc32(purpose), keys). Distinct uses and distinct
+    seeds get unrelated streams, where ``seed + k`` offsets would overlap (seed 1, use 0 = seed 0,
+    use 1) and one seed shared by two generators would hand both the same random bits."""
+    words = [int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, zlib.crc32(purpose.encode()), *map(int, keys)]
+    hi, lo = np.random.SeedSequence(words).generate_state(2, np.uint32)
+    return (int(hi) << 32 | int(lo)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 class EpochSampler:
     """Batches of indices from a fresh seeded permutation each epoch (last short batch dropped).
 
-    The permutation of epoch e is ``randperm(n)`` from a generator seeded with ``seed + e``, so
-    the state is just (epoch, position) and the order after a resume is the same.
+    The permutation of epoch e is ``randperm(n)`` from a generator seeded with
+    ``derived_seed(seed, "data order", e)``, so the state is just (epoch, position) and the order
+    after a resume is the same. (Seeding with ``seed + e`` would make seed s + 1's epochs seed s's
+    shifted by one: a seed study's runs would see nearly the same data order.)
     """
 
     def __init__(self, n: int, batch_size: int, seed: int):
@@ -50,7 +64,7 @@ class EpochSampler:
         self._perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, "data order", self.epoch)))
 
     def next_batch(self) -> torch.Tensor:
         if self.position + self.batch_size > self.n:
