@@ -48,6 +48,32 @@ def test_unscan_sum_is_unscan_summed_over_orders_position_major(size, orders):
 
 
 @pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("orders", [ORDERS[:1], ORDERS[::2][:2], ORDERS[:3]])
+def test_scan_and_unscan_sum_gradients_are_those_of_plain_gathers(size, orders):
+    """Both hand-written backwards (gathers along the inverse permutations) equal autograd's
+    gradient of the same reads done with index_select, and pass gradcheck."""
+    h, w = size
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, h, w, dtype=torch.float64, generator=g, requires_grad=True)
+    seq = torch.randn(2 * len(orders), 3, h * w, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: scan(t, orders), (x,))
+    assert torch.autograd.gradcheck(lambda t: unscan_sum(t, orders, h, w), (seq,))
+    perms = [scan_indices(h, w, o)[0] for o in orders]
+    invs = [scan_indices(h, w, o)[1] for o in orders]
+    plain_scan = torch.stack([x.flatten(2).index_select(2, p) for p in perms], 1).flatten(0, 1)
+    w_seq = torch.randn_like(plain_scan)
+    (ours,) = torch.autograd.grad((scan(x, orders) * w_seq).sum(), x)
+    (plain,) = torch.autograd.grad((plain_scan * w_seq).sum(), x)
+    assert torch.allclose(ours, plain)
+    by_order = seq.view(2, len(orders), 3, h * w)
+    plain_unscan = sum(by_order[:, i].index_select(2, inv) for i, inv in enumerate(invs)).transpose(1, 2)
+    w_grid = torch.randn_like(plain_unscan)
+    (ours,) = torch.autograd.grad((unscan_sum(seq, orders, h, w) * w_grid).sum(), seq)
+    (plain,) = torch.autograd.grad((plain_unscan * w_grid).sum(), seq)
+    assert torch.allclose(ours, plain)
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_every_order_is_a_permutation_with_its_inverse(size):
     h, w = size
     identity = torch.arange(h * w)

@@ -84,15 +84,35 @@ def scan(x: Tensor, orders: Sequence[str]) -> Tensor:
     """Grid to sequences: x (B, C, H, W) -> (B*D, C, H*W), row b*D + d read along ``orders[d]``.
 
     Channel-major, like the feature map: the SSM and its projections work on (batch, channels,
-    length) without transposing. One ``gather`` per call (backward: one scatter-add); on CPU it
-    is several times faster than ``index_select`` along the last dimension.
+    length) without transposing. One ``gather`` forward and one backward (:class:`_Scan`).
     """
     b, c, h, w = x.shape
-    perm, _ = _stacked_indices(h, w, tuple(orders), x.device)  # (D, L)
-    seq = x.flatten(2).gather(2, perm.view(1, 1, -1).expand(b, c, -1))  # (B, C, D*L)
-    if len(orders) == 1:
-        return seq
-    return seq.view(b, c, len(orders), h * w).transpose(1, 2).reshape(b * len(orders), c, h * w)
+    perm, inv = _stacked_indices(h, w, tuple(orders), x.device)  # (D, L)
+    return _Scan.apply(x.flatten(2), perm, inv)
+
+
+class _Scan(torch.autograd.Function):
+    """x (B, C, L) -> (B*D, C, L), sequence d = x read along perm[d]. The gradient of reading a
+    permutation is reading the gradient along its inverse: a gather too, where autograd's own
+    gather backward zero-fills a tensor and scatter-adds into it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
+        b, c, l = x.shape
+        d = perm.size(0)
+        ctx.save_for_backward(inv)
+        seq = x.gather(2, perm.view(1, 1, -1).expand(b, c, -1))  # (B, C, D*L)
+        return seq if d == 1 else seq.view(b, c, d, l).transpose(1, 2).reshape(b * d, c, l)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inv,) = ctx.saved_tensors
+        d, l = inv.shape
+        bd, c, _ = grad.shape
+        if d == 1:
+            return grad.gather(2, inv.expand(bd, c, l)), None, None
+        grad = grad.view(bd // d, d, c, l)
+        return grad.gather(3, inv.view(1, d, 1, l).expand(bd // d, d, c, l)).sum(1), None, None
 
 
 def unscan(seq: Tensor, orders: Sequence[str], height: int, width: int) -> Tensor:
@@ -112,14 +132,33 @@ def unscan_sum(seq: Tensor, orders: Sequence[str], height: int, width: int) -> T
     """Sequences back to the grid and summed over the orders: (B*D, C, H*W) -> (B, H*W, C).
 
     Position-major, for the per-position LayerNorm that follows in the block: the gather writes
-    that layout directly, where ``unscan`` and a transpose would copy the result once more.
+    that layout directly, where ``unscan`` and a transpose would copy the result once more. Its
+    backward is a gather as well (:class:`_UnscanSum`).
     """
-    bd, c, l = seq.shape
-    d = len(orders)
-    _, inv = _stacked_indices(height, width, tuple(orders), seq.device)  # (D, L)
-    seq = seq.view(bd // d, d, c, l).transpose(2, 3)  # (B, D, L, C), a view
-    grid = seq.gather(2, inv.view(1, d, l, 1).expand(bd // d, d, l, c))
-    return grid.sum(1) if d > 1 else grid[:, 0]
+    perm, inv = _stacked_indices(height, width, tuple(orders), seq.device)  # (D, L)
+    return _UnscanSum.apply(seq, perm, inv)
+
+
+class _UnscanSum(torch.autograd.Function):
+    """seq (B*D, C, L) -> out (B, L, C), out[b, p] = sum_d seq[b*D + d, :, inv[d, p]]; so the
+    gradient of seq[b*D + d, :, j] is grad[b, perm[d, j]]."""
+
+    @staticmethod
+    def forward(ctx, seq: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
+        bd, c, l = seq.shape
+        d = perm.size(0)
+        ctx.save_for_backward(perm)
+        seq = seq.view(bd // d, d, c, l).transpose(2, 3)  # (B, D, L, C), a view
+        grid = seq.gather(2, inv.view(1, d, l, 1).expand(bd // d, d, l, c))
+        return grid.sum(1) if d > 1 else grid.view(bd, l, c)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (perm,) = ctx.saved_tensors
+        d, l = perm.shape
+        b, _, c = grad.shape
+        grad = grad.transpose(1, 2)[:, None].expand(b, d, c, l)  # (B, D, C, L), a view
+        return grad.gather(3, perm.view(1, d, 1, l).expand(b, d, c, l)).view(b * d, c, l), None, None
 
 
 def block_orders(family: str = "rows", directions: int = 2, corner: str = "tl") -> tuple[str, ...]:

@@ -236,10 +236,9 @@ class DecayMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (mask,) = ctx.saved_tensors
-        lower = _lower(mask.size(-1), mask.device)
         g = grad * mask  # d/d(log mask)
         # lower triangle: log mask P_i - P_j -> +row sums to P_i, -column sums to P_j
-        g_lower = g.masked_fill(~lower, 0.0)
+        g_lower = g.tril()
         dP = g_lower.sum(-1) - g_lower.sum(-2)
         dR = None
         if ctx.bidirectional:  # strict upper triangle: R_j - R_i
