@@ -1,11 +1,12 @@
 """Denoiser training throughput: latents per second and peak memory of one step (docs/design.md#performance).
 
-    python -m benchmarks.train_step [--out reports/bench] [--batch 32] [--sizes 8 32] [--repeats 5]
+    python3 -m benchmarks.train_step [--out reports/bench] [--batch 64] [--sizes 8 32] [--repeats 7]
 
 For each mixer (serpentine, attention, none) and latent size it builds the UNet of the default
 ``ddpm`` params (context blocks at every level), and times one full training step: the DDPM
 loss (:func:`diffmodels.diffusion.objectives.diffusion_loss`), backward, gradient clipping and an AdamW update.
-On CUDA it also runs the step under bf16 autocast. Prints a table and writes
+On CUDA it also runs the step under bf16 autocast. The mixers' steps are timed in turns; the
+ratio serpentine / attention is printed against its target (<= 1.0x). Prints a table and writes
 ``<out>/train_step.json``. Timing and memory as in :mod:`benchmarks.measure`.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.measure import peak_mib, time_ms
+from benchmarks.measure import peak_mib, time_interleaved
 from diffmodels.core.config import load_params
 from diffmodels.core.io import write_json
 from diffmodels.diffusion.objectives import diffusion_loss
@@ -24,6 +25,7 @@ from diffmodels.diffusion.schedule import NoiseSchedule
 from diffmodels.models.unet import UNet, UNetConfig
 
 MIXERS = ("serpentine", "attention", "none")
+TARGET = 1.0  # step time, serpentine / attention
 
 
 def build(p, mixer: str, size: int, channels: int, device: torch.device) -> UNet:
@@ -33,7 +35,8 @@ def build(p, mixer: str, size: int, channels: int, device: torch.device) -> UNet
     return UNet(cfg).to(device)
 
 
-def bench(p, mixer: str, size: int, batch: int, device: torch.device, amp: torch.dtype | None, repeats: int) -> dict:
+def step_fn(p, mixer: str, size: int, batch: int, device: torch.device, amp: torch.dtype | None):
+    """(model, one full training step) for a UNet with ``mixer``."""
     torch.manual_seed(0)
     model = build(p, mixer, size, 4, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -51,39 +54,56 @@ def bench(p, mixer: str, size: int, batch: int, device: torch.device, amp: torch
         opt.step()
 
     step()  # warm-up (allocations, kernel selection)
-    median, fastest = time_ms(step, repeats, device)
-    return {
-        "mixer": mixer, "latent": size, "batch": batch, "precision": {None: "float32", torch.bfloat16: "bf16"}[amp],
-        "device": str(device), "step_ms_median": round(median, 1), "step_ms_min": round(fastest, 1),
-        "latents_per_s": round(batch / (median / 1e3), 1), "peak_mib": round(peak_mib(step, device), 1),
-        "parameters": sum(q.numel() for q in model.parameters()),
-    }
+    return model, step
+
+
+def bench(p, size: int, batch: int, device: torch.device, amp: torch.dtype | None, repeats: int) -> list[dict]:
+    """One row per mixer; the three steps are timed in turns, so that load falls on all alike."""
+    built = {mixer: step_fn(p, mixer, size, batch, device, amp) for mixer in MIXERS}
+    timed = time_interleaved({mixer: step for mixer, (_, step) in built.items()}, repeats, device)
+    rows = []
+    for mixer, (model, step) in built.items():
+        median, fastest = timed[mixer]
+        rows.append({
+            "mixer": mixer, "latent": size, "batch": batch, "precision": {None: "float32", torch.bfloat16: "bf16"}[amp],
+            "device": str(device), "step_ms_median": round(median, 1), "step_ms_min": round(fastest, 1),
+            "latents_per_s": round(batch / (median / 1e3), 1), "peak_mib": round(peak_mib(step, device), 1),
+            "parameters": sum(q.numel() for q in model.parameters()),
+        })
+    ratio = rows[0]["step_ms_median"] / rows[1]["step_ms_median"]
+    rows[0].update({"ratio_to_attention": round(ratio, 3), "target": TARGET, "pass": ratio <= TARGET})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64, help="latents per step (ddpm.batch_size is 64)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     p = load_params(args.params).ddpm
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = [None, torch.bfloat16] if device.type == "cuda" else [None]
     rows = []
     print(f"{'mixer':<11}{'latent':>7}{'prec':>9}{'ms (median)':>13}{'ms (min)':>10}"
-          f"{'latents/s':>11}{'peak MiB':>10}{'params':>11}")
+          f"{'latents/s':>11}{'peak MiB':>10}{'params':>11}  serpentine / attention (target <= {TARGET}x)")
     for size in args.sizes:
-        for mixer in MIXERS:
-            for amp in precisions:
-                r = bench(p, mixer, size, args.batch, device, amp, args.repeats)
+        for amp in precisions:
+            for r in bench(p, size, args.batch, device, amp, args.repeats):
                 rows.append(r)
+                verdict = (f"  {r['ratio_to_attention']:.2f}x {'PASS' if r['pass'] else 'FAIL'}"
+                           if "ratio_to_attention" in r else "")
                 print(f"{r['mixer']:<11}{size:>4}x{size:<2}{r['precision']:>9}{r['step_ms_median']:>13.1f}"
-                      f"{r['step_ms_min']:>10.1f}{r['latents_per_s']:>11.1f}{r['peak_mib']:>10.1f}{r['parameters']:>11,}")
+                      f"{r['step_ms_min']:>10.1f}{r['latents_per_s']:>11.1f}{r['peak_mib']:>10.1f}{r['parameters']:>11,}"
+                      + verdict)
     write_json(args.out / "train_step.json", {
         "device": str(device), "threads": torch.get_num_threads(), "batch": args.batch, "rows": rows,
-        "timing": "median and min of repeats of one full step (loss, backward, clip, AdamW)",
+        "timing": "median and min of repeats of one full step (loss, backward, clip, AdamW), mixers timed in turns",
         "memory": "peak tensor bytes above the step's start (CUDA allocator / CPU profiler records)",
     })
     print(f"wrote {args.out / 'train_step.json'}")
