@@ -1,4 +1,4 @@
-"""Adversarial and frequency terms for VAE training (docs/maths.md#gan-loss), as LDM trains its autoencoders.
+"""Adversarial and frequency terms for VAE training (docs/maths.md#vae), as LDM trains its autoencoders.
 
 PatchGAN discriminator (:class:`PatchDiscriminator`, Isola et al. 2017, pix2pix)
     conv 4x4 / stride 2 -> LeakyReLU(0.2), then ``layers - 1`` times conv 4x4 / stride 2 ->
