@@ -13,7 +13,8 @@ It needs only the VAE, so a VAE ablation (``dvc exp run -S vae.decoder_kernel=7 
 costs one VAE training, not a whole pipeline.
 
 Outputs in ``reports/eval_leakage/``: ``metrics.json`` (``<alignment>/leak_mean``,
-``<alignment>/leak_radius_px``, ``<alignment>/enc_leak_mean``), ``decoder_leakage.tsv`` and
+``<alignment>/leak_radius_px``, ``<alignment>/enc_leak_mean``, and the VAE's ``receptive_field``:
+``local`` with its ``decoder_halo_px`` bound, or ``global`` with none for ``vae.arch=conventional``), ``decoder_leakage.tsv`` and
 ``encoder_leakage.tsv`` (distance, one column per alignment; drawn by the top-level plots of
 dvc.yaml).
 """
@@ -33,8 +34,8 @@ from diffmodels.data.datasets import load_split
 from diffmodels.data.images import to_model_range
 from diffmodels.data.latent_cache import read_scale_factor
 from diffmodels.data.masks import load_mask_set
-from diffmodels.metrics.leakage import profile_table, vae_leakage
-from diffmodels.models.vae import load_vae
+from diffmodels.metrics.leakage import leakage_report, profile_table, report_line, vae_leakage
+from diffmodels.models.vae import load_vae, locality
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "leakage", "inpaint", "data")
@@ -68,7 +69,7 @@ def run(args) -> None:
                              scale_factor=scale, mask_policy=params.inpaint.mask_policy,
                              generator=torch.Generator().manual_seed(params.seed))
         out = args.reports
-        metrics = {**result.scalars(), "num_images": n, "samples": p.samples,
+        metrics = {**leakage_report(result, locality(vae.config)), "num_images": n, "samples": p.samples,
                    "mask_policy": params.inpaint.mask_policy,
                    "seconds": round(time.perf_counter() - started, 1)}
         write_text(out / "decoder_leakage.tsv", profile_table(result.decoder))
@@ -78,10 +79,8 @@ def run(args) -> None:
         for path in sorted(out.glob("*.*")):
             tracking.log_artifact(path)
 
-    print("eval_leakage: " + "; ".join(
-        f"{a}: leak_mean {metrics[f'{a}/leak_mean']:.4f}, leak_radius_px {metrics[f'{a}/leak_radius_px']}, "
-        f"enc_leak_mean {metrics[f'{a}/enc_leak_mean']:.4f}" for a in result.decoder)
-        + f" ({n} images x {len(masks)} mask sets, {metrics['seconds']:.0f}s)")
+    print(f"eval_leakage: {report_line(metrics, list(result.decoder))} "
+          f"({n} images x {len(masks)} mask sets, {metrics['seconds']:.0f}s)")
 
 
 main = stage_main(run, parser)

@@ -1,4 +1,4 @@
-"""Stage train_vae: data/prepared -> localized VAE weights (config embedded), metrics, loss curve.
+"""Stage train_vae: data/prepared -> VAE weights (localized or conventional, config embedded), metrics, loss curve.
 
     python3 -m stages.train_vae --prepared data/prepared --out data/models/vae.safetensors \\
         --reports reports/train_vae --checkpoints data/checkpoints/train_vae
@@ -7,6 +7,10 @@ Resume: every ``vae.checkpoint_every`` steps the full training state goes to
 ``<checkpoints>/last.safetensors`` (not a DVC out, so ``dvc repro`` does not delete it). A
 rerun with the same params, data and code continues from it; otherwise it starts fresh and
 says why. The checkpoint is removed once the outs are written.
+
+GAN (``vae.disc_weight`` > 0): from step ``vae.disc_start`` a PatchGAN discriminator trains
+beside the VAE (diffmodels/models/discriminator.py); it is part of the resume checkpoint (weights
+and Adam state) and is saved into the VAE's weights file under ``discriminator/``.
 
 Data-parallel: with ``distributed.nproc_per_node`` > 1 the stage re-runs itself under torchrun
 (or run it under torchrun yourself); every process takes its share of each global batch of
@@ -31,11 +35,12 @@ from diffmodels.core.io import write_json
 from diffmodels.data.datasets import load_split
 from diffmodels.data.images import save_png, to_model_range
 from diffmodels.data.latent_cache import recon_grid, reconstruction_metrics
+from diffmodels.models.discriminator import Adversary, DiscriminatorConfig, frequency_loss
 from diffmodels.models.vae import (
     GRID,
     VAE,
     VAEConfig,
-    decoder_halo,
+    locality,
     num_parameters,
     save_vae,
     vae_loss,
@@ -79,15 +84,21 @@ def train(args, params, world: distributed.World) -> None:
     manifest, images, val_images = load_data(args.prepared, p.batch_size)
     cfg = VAEConfig.from_params(p, in_channels=images.shape[3], latent_channels=params.latents.channels)
     model = VAE(cfg).to(device)
+    adversary = None
+    if p.disc_weight > 0:  # built before the resume, like the VAE: its init draws from the global RNG
+        adversary = Adversary(DiscriminatorConfig(images.shape[3], p.disc_channels, p.disc_layers), lr=p.disc_lr,
+                              start=p.disc_start, weight=p.disc_weight, device=device, wrap=world.wrap)
     world.check_batch(min(p.batch_size, len(images)), "vae.batch_size")
+    losses = ("loss", "recon", "kl") + (("freq",) if p.freq_weight > 0 else ()) \
+        + (("g_loss", "d_loss", "disc_lambda") if adversary else ())
     settings = LoopSettings.from_params(p, stage=STAGE, project=PROJECT, checkpoints=args.checkpoints,
-                                        reports=args.reports, losses=("loss", "recon", "kl"),
-                                        stop_after=args.stop_after)
+                                        reports=args.reports, losses=losses, stop_after=args.stop_after)
     trainer = Trainer(settings, world, model, params=params, groups=GROUPS,
                       identity={"data": manifest.get("sha256")}, config=cfg.to_dict(),
                       sampler=EpochSampler(len(images), p.batch_size, seed),
                       generator=torch.Generator(device).manual_seed(seed), precision=precision,
-                      extra={"val_history": []})  # (step, psnr, ssim) rows of val.tsv
+                      extra={"val_history": []},  # (step, psnr, ssim) rows of val.tsv
+                      parts={"adversary": adversary} if adversary else None)
     trainer.resume()
 
     latent_shape = (cfg.latent_channels, images.shape[1] // GRID, images.shape[2] // GRID)
@@ -102,7 +113,20 @@ def train(args, params, world: distributed.World) -> None:
                           dtype=noise_dtype)
         with precision.autocast():
             x_hat, mean, logvar = forward(x, eps=eps[rows])
-        return vae_loss(x, x_hat, mean, logvar, p.loss, p.beta_kl)
+        out = vae_loss(x, x_hat, mean, logvar, p.loss, p.beta_kl)
+        rec = out["recon"]  # L_rec of the adaptive weight: the reconstruction terms
+        if p.freq_weight > 0:
+            out["freq"] = frequency_loss(x, x_hat)
+            rec = rec + p.freq_weight * out["freq"]
+            out["loss"] = out["loss"] + p.freq_weight * out["freq"]
+        if adversary is not None:
+            zero = torch.zeros((), device=device)
+            out.update(g_loss=zero, d_loss=zero, disc_lambda=zero)
+            if adversary.active(trainer.state.step):
+                out["d_loss"] = adversary.discriminator_step(x, x_hat)
+                out["g_loss"], out["disc_lambda"] = adversary.generator_term(x_hat, rec, model.last_layer)
+                out["loss"] = out["loss"] + out["disc_lambda"] * out["g_loss"]
+        return out
 
     def validate(step: int) -> None:
         """Validation PSNR/SSIM on ``vae.num_val_images`` and a reconstruction grid to MLflow."""
@@ -115,8 +139,9 @@ def train(args, params, world: distributed.World) -> None:
     def outputs(done: Finished) -> Outputs:
         return write_outputs(args, params, trainer, val_images, done, started)
 
+    reach = {f"vae.{k}": "none" if v is None else v for k, v in locality(cfg).items()}
     trainer.fit(loss_step, outputs, hooks=[Every(p.val_every, validate)],
-                run_params={"vae.num_parameters": num_parameters(model), "vae.decoder_halo_px": model.decoder.halo})
+                run_params={"vae.num_parameters": num_parameters(model), **reach})
 
 
 def load_data(prepared: Path, batch_size: int) -> tuple[dict, torch.Tensor, np.ndarray]:
@@ -149,14 +174,21 @@ def write_outputs(args, params, trainer: Trainer, val_images: np.ndarray, done: 
         "steps": p.steps,
         "resumed_from_step": done.start_step,
         "num_parameters": num_parameters(model),
-        "decoder_halo_px": decoder_halo(model.config),
-        "encoder_receptive_radius_px": model.encoder.receptive_radius,
+        "arch": model.config.arch,
+        **locality(model.config),  # receptive_field local/global; decoder_halo_px null when global
         "precision": trainer.precision.name,
         "world_size": trainer.world.size,
         "seconds_this_run": round(time.perf_counter() - started, 1),
+        "seconds_per_step": round(1.0 / done.steps_per_second, 4) if done.steps_per_second else None,
     }
+    adversary = trainer.state.parts.get("adversary")
+    if adversary is not None:
+        metrics["disc_num_parameters"] = num_parameters(adversary.model)
+        metrics["train_g_loss_last50"] = done.tail_mean("g_loss", 50)
+        metrics["train_d_loss_last50"] = done.tail_mean("d_loss", 50)
     save_vae(args.out, model,
-             {"step": p.steps, "val_psnr": final["psnr"], "val_ssim": final["ssim"], "seed": params.seed})
+             {"step": p.steps, "val_psnr": final["psnr"], "val_ssim": final["ssim"], "seed": params.seed},
+             discriminator=adversary.model if adversary is not None else None)
     write_table(args.reports / "val.tsv", ("step", "val_psnr", "val_ssim"), val_history)
     save_png(args.reports / "reconstructions.png", recon_grid(model, val_images[: p.grid_images], device))
     write_json(args.reports / "metrics.json", metrics)

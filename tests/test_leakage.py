@@ -372,3 +372,29 @@ def test_replacements_follow_image_ids_and_keep_the_plain_roll_without_them():
     assert (single == 7).all(), "one image: every replacement is random"
     with pytest.raises(ValueError, match="one id per item"):
         _others_or_random(x, 2, lambda: x, torch.zeros(5))
+
+
+def test_leakage_report_of_a_conventional_vae_is_flagged_global():
+    """eval_leakage's metrics and line: the conventional VAE gets no halo bound, the localized its 22 px."""
+    from diffmodels.metrics.leakage import leakage_report, report_line
+    from diffmodels.models.vae import locality
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    hole = torch.zeros(2, 32, 32, dtype=torch.bool)
+    hole[:, 8:16, 8:16] = True
+    for arch, flag, bound in (("conventional", "global", None), ("localized", "local", 22)):
+        cfg = VAEConfig(in_channels=1, latent_channels=3, base_channels=4, channel_mult=(1, 1, 2, 2), blocks_per_level=1,
+                        se=False, se_reduction=2, decoder_kernel=3, upsample="nearest", arch=arch, norm_groups=2)
+        vae = VAE(cfg).eval()
+        result = vae_leakage(lambda x, vae=vae: vae.encode(x)[0], vae.decode, images, {"centre_aligned": hole}, samples=2,
+                             generator=torch.Generator().manual_seed(0))
+        metrics = leakage_report(result, locality(cfg))
+        assert metrics["receptive_field"] == flag and metrics["decoder_halo_px"] == bound
+        assert metrics["aligned/leak_mean"] == result.decoder["aligned"].mean
+        line = report_line(metrics, ["aligned"])
+        if arch == "conventional":
+            assert "receptive field global" in line and "no halo bound" in line and "halo 22" not in line
+            assert metrics["aligned/enc_leak_mean"] > 0  # GroupNorm and attention: the encoder leaks too
+        else:
+            assert line.endswith("receptive field local: decoder halo 22 px")

@@ -172,3 +172,129 @@ def test_weights_from_another_config_or_kind_are_clear_errors(tmp_path):
     save_checkpoint(tmp_path / "wrong.safetensors", vae.state_dict(), {"kind": "vae", "config": wrong})
     with pytest.raises(CheckpointError, match="wrong shape"):
         load_vae(tmp_path / "wrong.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# Conventional arch (the LDM / SD autoencoder at our widths)
+# --------------------------------------------------------------------------------------------
+
+
+def conventional(**overrides) -> VAEConfig:
+    return tiny(**{"arch": "conventional", "norm_groups": 2, **overrides})
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (16, 24), (64, 32)])
+def test_conventional_shapes_follow_stride_8(height, width):
+    torch.manual_seed(0)
+    vae = VAE(conventional()).eval()
+    x = torch.rand(2, 1, height, width) * 2 - 1
+    with torch.no_grad():
+        mean, logvar = vae.encode(x)
+        x_hat, mean2, _ = vae(x, torch.Generator().manual_seed(0))
+    assert mean.shape == logvar.shape == (2, 3, height // GRID, width // GRID)
+    assert x_hat.shape == x.shape and torch.equal(mean, mean2)
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        vae.encode(torch.zeros(1, 1, 12, 16))
+
+
+def test_conventional_attention_is_softmax_attention_over_all_positions():
+    """The mid-block attention against a float64 softmax written out."""
+    from diffmodels.models.vae import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(8, 2).double()
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64)
+    n = attn.norm(x).flatten(2)  # (B, C, N)
+    q, k, v = (torch.einsum("oc,bcn->bno", f.weight[:, :, 0, 0], n) + f.bias for f in (attn.q, attn.k, attn.v))
+    w = torch.softmax(q @ k.transpose(1, 2) / 8**0.5, dim=-1)  # (B, N, N)
+    y = torch.einsum("oc,bnc->bon", attn.proj_out.weight[:, :, 0, 0], w @ v) + attn.proj_out.bias[:, None]
+    torch.testing.assert_close(attn(x), x + y.reshape(2, 8, 3, 5), rtol=1e-10, atol=1e-10)
+
+
+def test_conventional_decoder_is_global_and_localized_is_not():
+    """One latent tile changed: the conventional decoder changes the far corner of the image (mid-
+    block attention, GroupNorm), the localized one leaves everything beyond its halo alone."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 3, 6, 6)
+    z2 = z.clone()
+    z2[:, :, 0, 0] += 3.0
+    for cfg, far_changes in ((conventional(), True), (tiny(), False)):
+        vae = VAE(cfg).eval()
+        with torch.no_grad():
+            delta = (vae.decode(z2) - vae.decode(z)).abs()[0, 0]  # (48, 48)
+        assert (delta[-8:, -8:].min() > 1e-7) == far_changes  # tile (5, 5): 40 px beyond tile (0, 0)
+    assert decoder_halo(conventional()) is None and decoder_halo(tiny()) == 22
+
+
+def test_conventional_encoder_is_global():
+    torch.manual_seed(0)
+    vae = VAE(conventional()).eval()
+    x = torch.rand(1, 1, 48, 48) * 2 - 1
+    x2 = x.clone()
+    x2[..., :8, :8] = -1.0
+    with torch.no_grad():
+        change = (vae.encode(x2)[0] - vae.encode(x)[0]).abs()[0].amax(0)  # (6, 6)
+    assert change[-1, -1] > 1e-6
+
+
+def test_locality_report_per_arch():
+    from diffmodels.models.vae import locality
+
+    assert locality(conventional()) == {"receptive_field": "global", "decoder_halo_px": None,
+                                        "encoder_receptive_field": "global", "encoder_receptive_radius_px": None}
+    local = locality(tiny(se=False))
+    assert local["receptive_field"] == "local" and local["decoder_halo_px"] == 22
+    assert local["encoder_receptive_field"] == "local" and local["encoder_receptive_radius_px"] == Encoder(
+        tiny(se=False)).receptive_radius
+    assert locality(tiny(se=True))["encoder_receptive_field"] == "global"  # SE's global pool
+
+
+def test_conventional_group_count_must_divide_the_widths():
+    with pytest.raises(ValueError, match="norm_groups 3 must divide"):
+        conventional(norm_groups=3)
+    tiny(norm_groups=3)  # the localized arch has no GroupNorm: ignored
+    with pytest.raises(ValueError, match="arch must be one of"):
+        tiny(arch="unet")
+
+
+def test_conventional_weights_round_trip_and_old_files_load_as_localized(tmp_path):
+    from diffmodels.core.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    vae = VAE(conventional()).eval()
+    save_vae(tmp_path / "vae.safetensors", vae, {"step": 3})
+    loaded, meta = load_vae(tmp_path / "vae.safetensors")
+    assert loaded.config == vae.config and loaded.config.arch == "conventional" and meta["step"] == 3
+    x = torch.rand(2, 1, 16, 24) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(loaded.encode(x)[0]), vae.decode(vae.encode(x)[0]))
+    # a file written before arch / norm_groups existed
+    old = VAE(tiny())
+    config = {k: v for k, v in old.config.to_dict().items() if k not in ("arch", "norm_groups")}
+    save_checkpoint(tmp_path / "old.safetensors", old.state_dict(), {"kind": "vae", "config": config})
+    assert load_vae(tmp_path / "old.safetensors")[0].config.arch == "localized"
+    # a conventional file read with the localized key names fails clearly
+    ckpt = load_checkpoint(tmp_path / "vae.safetensors")
+    save_checkpoint(tmp_path / "mixed.safetensors", ckpt.tensors,
+                    {"kind": "vae", "config": {**ckpt.meta["config"], "arch": "localized"}})
+    with pytest.raises(CheckpointError, match="missing"):
+        load_vae(tmp_path / "mixed.safetensors")
+
+
+def test_discriminator_rides_in_the_weights_file_and_load_vae_ignores_it(tmp_path):
+    from diffmodels.models.discriminator import DiscriminatorConfig, PatchDiscriminator, load_discriminator
+
+    torch.manual_seed(0)
+    vae = VAE(tiny()).eval()
+    disc = PatchDiscriminator(DiscriminatorConfig(1, 4, 2)).eval()
+    save_vae(tmp_path / "vae.safetensors", vae, discriminator=disc)
+    loaded, meta = load_vae(tmp_path / "vae.safetensors")
+    assert meta["discriminator"] == {"in_channels": 1, "channels": 4, "layers": 2}
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    d2 = load_discriminator(tmp_path / "vae.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x)[0], vae.encode(x)[0])
+        assert torch.equal(d2(x), disc(x))
+    save_vae(tmp_path / "plain.safetensors", vae)
+    with pytest.raises(CheckpointError, match="no discriminator"):
+        load_discriminator(tmp_path / "plain.safetensors")

@@ -108,3 +108,32 @@ def test_latent_channel_mismatch_is_one_line(tmp_path, mlflow_store, capsys):
     last = capsys.readouterr().err.splitlines()[-1]  # earlier lines: train_vae's MLflow chatter
     assert last.startswith("error: ")
     assert last.endswith("has 3 latent channels but latents.channels is 4; run `dvc repro train_vae`")
+
+
+def test_gan_training_resumes_exactly_and_saves_the_discriminator(tmp_path, mlflow_store, capsys):
+    """Conventional arch + PatchGAN + frequency term: killed after step 5 (the GAN on since step 3)
+    and resumed, the VAE *and* the discriminator end bitwise equal to a straight run."""
+    from diffmodels.models.discriminator import load_discriminator
+
+    tiny_prepared(tmp_path / "prepared")
+    params = tiny_params(tmp_path / "params.yaml", vae={
+        "arch": "conventional", "norm_groups": 2, "disc_weight": 0.5, "disc_start": 3, "freq_weight": 0.1,
+        "steps": 8, "val_every": 100})
+    train_vae.main(train_args(tmp_path, params, "a"))
+    train_vae.main(train_args(tmp_path, params, "b") + ["--stop-after", "5"])
+    train_vae.main(train_args(tmp_path, params, "b"))
+    assert "at step 5" in capsys.readouterr().out
+    a, b = load_checkpoint(tmp_path / "a/vae.safetensors"), load_checkpoint(tmp_path / "b/vae.safetensors")
+    assert a.tensors.keys() == b.tensors.keys() and any(k.startswith("discriminator/") for k in a.tensors)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    rows = [r.split("\t") for r in (tmp_path / "a/reports/loss.tsv").read_text().splitlines()]
+    assert rows[0] == ["step", "loss", "recon", "kl", "freq", "g_loss", "d_loss", "disc_lambda", "lr", "grad_norm"]
+    d_loss = [float(r[6]) for r in rows[1:]]
+    assert d_loss[:3] == [0.0, 0.0, 0.0] and all(v > 0 for v in d_loss[3:])  # off before disc_start
+    assert (tmp_path / "b/reports/loss.tsv").read_text() == (tmp_path / "a/reports/loss.tsv").read_text()
+    vae, meta = load_vae(tmp_path / "a/vae.safetensors")  # the discriminator is skipped
+    assert vae.config.arch == "conventional" and meta["discriminator"]["layers"] == 2
+    load_discriminator(tmp_path / "a/vae.safetensors")
+    metrics = json.loads((tmp_path / "a/reports/metrics.json").read_text())
+    assert metrics["receptive_field"] == "global" and metrics["decoder_halo_px"] is None
+    assert metrics["disc_num_parameters"] > 0

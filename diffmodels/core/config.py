@@ -174,6 +174,7 @@ class DataParams(_Group):
 
 class VaeParams(_Group):
     # Architecture (diffmodels/models/vae.py, VAEConfig: same names; stored in the weights file)
+    arch: Literal["localized", "conventional"]
     base_channels: Annotated[int, Field(ge=1, le=1024)]
     channel_mult: ListOf[Annotated[int, Field(ge=1, le=64)]]
     blocks_per_level: Annotated[int, Field(ge=1, le=8)]
@@ -181,9 +182,17 @@ class VaeParams(_Group):
     se_reduction: Annotated[int, Field(ge=1, le=64)]
     decoder_kernel: Annotated[Literal[3, 5, 7], IntChoice]
     upsample: Literal["nearest", "pixel_shuffle"]
+    norm_groups: Count  # GroupNorm groups, arch=conventional
     # Objective
     loss: Literal["l1", "mse"]
     beta_kl: NonNegative
+    freq_weight: NonNegative  # L1 on FFT amplitudes (diffmodels/models/discriminator.py); 0 = off
+    # GAN (diffmodels/models/discriminator.py); disc_weight 0 = no discriminator
+    disc_weight: NonNegative
+    disc_start: Annotated[int, Field(ge=0)]
+    disc_channels: Annotated[int, Field(ge=1, le=512)]
+    disc_layers: Annotated[int, Field(ge=1, le=5)]
+    disc_lr: LearningRate
     # Optimisation (diffmodels/training/state.py)
     lr: LearningRate
     weight_decay: NonNegative
@@ -208,6 +217,15 @@ class VaeParams(_Group):
             )
         if self.warmup_steps >= self.steps:
             errors.append(f"vae.warmup_steps must be < vae.steps (got {self.warmup_steps} >= {self.steps})")
+        if self.disc_weight > 0 and self.disc_start >= self.steps:
+            errors.append(f"vae.disc_start must be < vae.steps when vae.disc_weight > 0, or the discriminator "
+                          f"never trains (got {self.disc_start} >= {self.steps}); lower it or set vae.disc_weight: 0")
+        if self.arch == "conventional":
+            widths = [self.base_channels * m for m in self.channel_mult]
+            if any(w % self.norm_groups for w in widths):
+                errors.append(f"vae.norm_groups {self.norm_groups} must divide every width {widths} "
+                              "(vae.base_channels x vae.channel_mult) for arch=conventional; e.g. a divisor of "
+                              f"vae.base_channels {self.base_channels}")
         return errors
 
 

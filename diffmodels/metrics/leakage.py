@@ -320,6 +320,28 @@ def vae_leakage(
     return VaeLeakage(decoder, encoder)
 
 
+def leakage_report(result: VaeLeakage, reach: dict[str, object]) -> dict[str, object]:
+    """eval_leakage's metrics: the measured scalars (:meth:`VaeLeakage.scalars`) beside what the
+    architecture promises (``reach``, :func:`diffmodels.models.vae.locality`): ``receptive_field``
+    ``local`` with a finite ``decoder_halo_px`` bound, or ``global`` with ``decoder_halo_px`` None,
+    so a conventional VAE is never reported with a halo bound that does not hold. A measured
+    ``leak_radius_px`` is capped at the last bin (32 px, "32 or more") whatever the architecture."""
+    return {**result.scalars(), **reach}
+
+
+def report_line(metrics: dict[str, object], alignments: list[str]) -> str:
+    """One summary line of a :func:`leakage_report`: the measured leak per alignment, then the bound."""
+    measured = "; ".join(
+        f"{a}: leak_mean {metrics[f'{a}/leak_mean']:.4f}, leak_radius_px {metrics[f'{a}/leak_radius_px']}, "
+        f"enc_leak_mean {metrics[f'{a}/enc_leak_mean']:.4f}" for a in alignments)
+    halo = metrics.get("decoder_halo_px")
+    if metrics.get("receptive_field") == "global":
+        bound = "receptive field global (mid-block attention): no halo bound"
+    else:
+        bound = f"receptive field local: decoder halo {halo} px"
+    return f"{measured}; {bound}"
+
+
 def profile_table(profiles: dict[str, LeakageProfile]) -> str:
     """TSV for ``dvc plots``: ``distance_<unit>``, then one column of binned values per profile
     (named by its key); bins empty in every profile are left out, empty cells are blank."""

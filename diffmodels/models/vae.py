@@ -73,6 +73,7 @@ from diffmodels.core.errors import CheckpointError
 GRID = 8  # pixels per latent tile side: three 2x downsamples
 LEVELS = 4  # pixel scales 1, 2, 4, 8
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp as SD's DiagonalGaussianDistribution does
+ARCHS = ("localized", "conventional")
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,15 @@ class VAEConfig:
     se_reduction: int
     decoder_kernel: int
     upsample: Literal["nearest", "pixel_shuffle"]
+    # Defaults so weights files written before these fields existed still load (as localized).
+    arch: Literal["localized", "conventional"] = "localized"
+    norm_groups: int = 8  # GroupNorm groups of the conventional arch (must divide every width)
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.arch == "conventional" and any(w % self.norm_groups for w in self.widths):
+            raise ValueError(f"norm_groups {self.norm_groups} must divide every width {self.widths}")
         if len(self.channel_mult) != LEVELS:
             raise ValueError(f"channel_mult needs {LEVELS} entries (scales 1, 2, 4, 8), got {self.channel_mult}")
         if self.decoder_kernel % 2 != 1:
@@ -275,20 +283,203 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, 8h, 8w)
 
 
-def decoder_halo(cfg: VAEConfig) -> int:
-    """The decoder's halo in pixels for ``cfg`` (see the module docstring), without building weights."""
+# --------------------------------------------------------------------------------------------
+# Conventional arch: the LDM / Stable Diffusion autoencoder at our widths (the baseline)
+# --------------------------------------------------------------------------------------------
+
+
+def group_norm(groups: int, channels: int) -> nn.GroupNorm:
+    """GroupNorm as LDM uses it (eps 1e-6, affine): statistics over a group of channels *and all
+    pixels of the image*, so it mixes information globally."""
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class GroupResBlock(nn.Module):
+    """LDM's ResnetBlock: GroupNorm-SiLU-conv3x3 twice plus a (1x1 if widths differ) skip."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.norm1 = group_norm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = group_norm(groups, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """LDM's AttnBlock: single-head self-attention over all h*w positions, residual.
+
+    out = x + W_o softmax(Q K^T / sqrt(C)) V with Q, K, V = 1x1 convs of GroupNorm(x), each
+    position a token of C channels: every output position sees every input position."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = group_norm(groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (f(n).flatten(2).transpose(1, 2) for f in (self.q, self.k, self.v))  # (B, h*w, C) each
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, h*w, C), scale 1/sqrt(C)
+        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
+
+
+class MidBlock(nn.Module):
+    """ResNet block, self-attention, ResNet block: the middle of LDM's encoder and decoder."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.block_1 = GroupResBlock(channels, channels, groups)
+        self.attn_1 = SelfAttention(channels, groups)
+        self.block_2 = GroupResBlock(channels, channels, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class StridedDownsample(nn.Module):
+    """LDM's downsample: pad one pixel right and bottom, then a 3x3 conv with stride 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class ConventionalEncoder(nn.Module):
+    """(B, C, H, W) -> mean, logvar (B, latent_channels, H/8, W/8), as LDM's encoder:
+    conv_in 3x3 -> per level ``blocks_per_level`` GroupNorm ResNet blocks, a strided downsample
+    after levels 0..2 -> mid block (ResNet, attention, ResNet) -> GroupNorm, SiLU, conv 3x3 ->
+    2 * latent_channels -> 1x1 ``quant_conv``. GroupNorm and attention see the whole image."""
+
+    receptive_radius = None  # global: no finite radius
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths, g = cfg.widths, cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        c = widths[0]
+        for level, width in enumerate(widths):
+            blocks = []
+            for _ in range(cfg.blocks_per_level):
+                blocks.append(GroupResBlock(c, width, g))
+                c = width
+            self.blocks.append(nn.Sequential(*blocks))
+            if level < LEVELS - 1:
+                self.downs.append(StridedDownsample(c))
+        self.mid = MidBlock(c, g)
+        self.norm_out = group_norm(g, c)
+        self.conv_out = nn.Conv2d(c, 2 * cfg.latent_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_resolution(x.shape[-2], x.shape[-1])
+        h = self.conv_in(x)
+        for level, blocks in enumerate(self.blocks):
+            h = blocks(h)
+            if level < LEVELS - 1:
+                h = self.downs[level](h)
+        h = self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        mean, logvar = self.quant_conv(h).chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+
+class ConventionalDecoder(nn.Module):
+    """(B, latent_channels, h, w) -> (B, C, 8h, 8w), as LDM's decoder: 1x1 ``post_quant_conv``
+    -> conv_in 3x3 -> mid block -> per level from the coarsest ``blocks_per_level + 1`` GroupNorm
+    ResNet blocks (LDM's ``num_res_blocks + 1``), nearest 2x upsample + conv 3x3 after levels
+    3..1 -> GroupNorm, SiLU, conv_out 3x3. The mid-block attention makes every output pixel
+    depend on every latent: there is no halo."""
+
+    halo = None  # global: no finite halo
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths, g = cfg.widths, cfg.norm_groups
+        c = widths[-1]
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, c, 3, padding=1)
+        self.mid = MidBlock(c, g)
+        self.blocks = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        for level in reversed(range(LEVELS)):  # pixel scales 8, 4, 2, 1
+            blocks = []
+            for _ in range(cfg.blocks_per_level + 1):
+                blocks.append(GroupResBlock(c, widths[level], g))
+                c = widths[level]
+            self.blocks.append(nn.Sequential(*blocks))
+            if level > 0:
+                self.ups.append(Upsample(c, 3, "nearest"))
+        self.norm_out = group_norm(g, c)
+        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(self.post_quant_conv(z)))  # (B, c, h, w)
+        for i, blocks in enumerate(self.blocks):
+            h = blocks(h)
+            if i < len(self.ups):
+                h = self.ups[i](h)  # (B, c', 2h, 2w)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+ENCODERS = {"localized": Encoder, "conventional": ConventionalEncoder}
+DECODERS = {"localized": Decoder, "conventional": ConventionalDecoder}
+
+
+def decoder_halo(cfg: VAEConfig) -> int | None:
+    """The decoder's halo in pixels for ``cfg`` (see the module docstring), without building
+    weights; None for the conventional arch, whose receptive field is global."""
     with torch.device("meta"):
-        return Decoder(cfg).halo
+        return DECODERS[cfg.arch](cfg).halo
+
+
+def locality(cfg: VAEConfig) -> dict[str, Any]:
+    """How far a VAE of ``cfg`` can carry information, for reports (train_vae, eval_leakage):
+
+    ``receptive_field`` (the decoder's): ``local`` with a finite ``decoder_halo_px`` (a bound
+    that holds, tested to be tight), or ``global`` with ``decoder_halo_px`` None (conventional:
+    mid-block attention and GroupNorm reach every pixel). ``encoder_receptive_field`` is
+    ``global`` for the conventional arch and for the localized one with SE (its channel gates pool
+    the whole image); ``encoder_receptive_radius_px`` is the localized encoder's convolutional
+    reach (what bounds it without SE), None for the conventional arch."""
+    with torch.device("meta"):
+        encoder = ENCODERS[cfg.arch](cfg)
+    halo = decoder_halo(cfg)
+    return {
+        "receptive_field": "local" if halo is not None else "global",
+        "decoder_halo_px": halo,
+        "encoder_receptive_field": "local" if encoder.receptive_radius is not None and not cfg.se else "global",
+        "encoder_receptive_radius_px": encoder.receptive_radius,
+    }
 
 
 class VAE(nn.Module):
-    """Encoder + decoder with a diagonal-Gaussian posterior q(z|x) = N(mean, exp(logvar))."""
+    """Encoder + decoder (``cfg.arch``: localized or conventional) with a diagonal-Gaussian
+    posterior q(z|x) = N(mean, exp(logvar))."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.config = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = ENCODERS[cfg.arch](cfg)
+        self.decoder = DECODERS[cfg.arch](cfg)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output conv weight: where the GAN's adaptive weight compares gradients."""
+        return self.decoder.conv_out.weight
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [-1, 1] -> posterior mean, logvar (B, latent_channels, H/8, W/8)."""
@@ -348,16 +539,25 @@ def num_parameters(module: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 
 WEIGHTS_KIND = "vae"
+DISCRIMINATOR_PREFIX = "discriminator/"  # tensors of the GAN's discriminator, when trained with one
 
 
-def save_vae(path: str | Path, model: VAE, info: dict[str, Any] | None = None) -> None:
-    """Atomically write float32 weights with ``{"kind": "vae", "config": ..., **info}`` in the header."""
+def save_vae(path: str | Path, model: VAE, info: dict[str, Any] | None = None,
+             discriminator: nn.Module | None = None) -> None:
+    """Atomically write float32 weights with ``{"kind": "vae", "config": ..., **info}`` in the header;
+    a ``discriminator`` (with a ``config``) goes in too, under ``discriminator/`` keys and the
+    header's ``"discriminator"`` config (:func:`diffmodels.models.discriminator.load_discriminator`)."""
     state = {k: v.float() for k, v in model.state_dict().items()}
-    save_checkpoint(path, state, {"kind": WEIGHTS_KIND, "config": model.config.to_dict(), **(info or {})})
+    meta = {"kind": WEIGHTS_KIND, "config": model.config.to_dict(), **(info or {})}
+    if discriminator is not None:
+        state.update({DISCRIMINATOR_PREFIX + k: v.float() for k, v in discriminator.state_dict().items()})
+        meta["discriminator"] = discriminator.config.to_dict()
+    save_checkpoint(path, state, meta)
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[VAE, dict[str, Any]]:
-    """Rebuild a :class:`VAE` from a file written by :func:`save_vae`; returns (model in eval mode, meta)."""
+    """Rebuild a :class:`VAE` (either arch) from a file written by :func:`save_vae`; returns
+    (model in eval mode, meta). A discriminator in the file is left out."""
     ckpt = load_checkpoint(path)
     if ckpt.meta.get("kind") != WEIGHTS_KIND or "config" not in ckpt.meta:
         raise CheckpointError(f"{path}: not VAE weights (kind {ckpt.meta.get('kind')!r}); run `dvc repro train_vae`")
@@ -366,5 +566,6 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[VAE,
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: VAE config in the header is invalid ({exc})") from None
     model = VAE(cfg)
-    load_module_state(model, ckpt.tensors, path)
+    state = {k: v for k, v in ckpt.tensors.items() if not k.startswith(DISCRIMINATOR_PREFIX)}
+    load_module_state(model, state, path)
     return model.to(device).eval(), ckpt.meta

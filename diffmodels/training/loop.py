@@ -141,11 +141,12 @@ class Trainer:
     def __init__(self, settings: LoopSettings, world: World, model: nn.Module, *, params: Any,
                  groups: Iterable[str], identity: Mapping[str, Any], config: dict[str, Any],
                  sampler: EpochSampler, generator: torch.Generator, precision: Precision, ema: Any = None,
-                 extra: dict[str, Any] | None = None):
+                 extra: dict[str, Any] | None = None, parts: dict[str, Any] | None = None):
         """``params``/``groups``: the params file and the groups the stage reads (fingerprint and
         MLflow run); ``identity``: what identifies its data (a manifest sha, a latent scale);
         ``config``: the model config stored in checkpoints; ``extra``: JSON-able state the stage's
-        hooks keep across a resume, beside the loss history."""
+        hooks keep across a resume, beside the loss history; ``parts``: more state the loss step
+        trains itself (a discriminator and its optimizer), checkpointed and restored with the rest."""
         self.settings, self.world, self.precision = settings, world, precision
         self.params, self.groups = params, tuple(groups)
         self.config = config
@@ -160,6 +161,7 @@ class Trainer:
             scaler=precision.scaler,
             ema=ema,
             extra={"history": [], **(extra or {})},
+            parts=dict(parts or {}),
         )
         code = file_digest(code_files(settings.stage, settings.project))
         self.fingerprint = fingerprint({

@@ -144,6 +144,9 @@ class TrainState:
     ema: Any = None  # anything with state_dict() -> {name: tensor} and load_state_dict() (diffmodels.training.ema.EMA)
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable (e.g. loss history)
+    # More trained objects, e.g. a GAN's discriminator and its optimizer: anything with
+    # state_dict() (nested, with tensors) and load_state_dict(); saved under "parts/<name>/".
+    parts: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path, fingerprint: str, config: dict[str, Any]) -> None:
         """Atomically write everything needed to continue at ``self.step``."""
@@ -152,6 +155,10 @@ class TrainState:
         tensors.update(opt_tensors)
         if self.ema is not None:
             tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        part_skeletons = {}
+        for name, part in self.parts.items():
+            part_skeletons[name], part_tensors = split_tensors(part.state_dict(), f"parts/{name}")
+            tensors.update(part_tensors)
         tensors["rng/torch"] = torch.get_rng_state()
         tensors["rng/generator"] = self.generator.get_state()
         if torch.cuda.is_available():
@@ -166,6 +173,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "sampler": self.sampler.state_dict(),
             "extra": self.extra,
+            "parts": part_skeletons,
         }
         save_checkpoint(path, tensors, meta)
 
@@ -180,6 +188,11 @@ class TrainState:
         if self.scaler is not None and meta["scaler"] is not None:
             self.scaler.load_state_dict(meta["scaler"])
         self.sampler.load_state_dict(meta["sampler"])
+        saved_parts = meta.get("parts") or {}
+        if set(saved_parts) != set(self.parts):
+            raise CheckpointError(f"checkpoint holds parts {sorted(saved_parts)}, the run has {sorted(self.parts)}")
+        for name, part in self.parts.items():
+            part.load_state_dict(join_tensors(saved_parts[name], tensors))
         if self.ema is not None:
             self.ema.load_state_dict({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
         torch.set_rng_state(tensors["rng/torch"])
