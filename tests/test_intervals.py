@@ -129,3 +129,28 @@ def test_fid_floor_with_a_small_reference_says_so():
     assert fid_floor(real, 40, repeats=1)["fid_floor_std"] == 0.0
     with pytest.raises(ValueError, match="at least 4 reference features"):
         fid_floor(real[:3], 40)
+
+
+def test_score_features_contract_and_printed_line():
+    from diffmodels.metrics.scores import KEYS, format_scores, score_features
+
+    real, fake = gaussian(60, 2048, 0), gaussian(20, 2048, 1, shift=0.05)
+    s = score_features(real, fake, kid_subsets=5, seed=0, fid_bootstrap=5, floor_repeats=2)
+    assert set(KEYS) <= set(s) and (s["num_real"], s["num_fake"], s["floor_n"]) == (60, 20, 20)
+    assert s["fid"] == pytest.approx(frechet_distance(real, fake)) and s["fid_low"] <= s["fid"] <= s["fid_high"]
+    assert s["fid_floor"] == fid_floor(real, 20, repeats=2, seed=0)["fid_floor"]
+    assert 0 <= s["precision"] <= 1 and s["kid_low"] <= s["kid_mean"] <= s["kid_high"]
+    line = format_scores("ddim", s)
+    assert line.startswith(f"ddim: FID {s['fid']:.1f} [") and "(n=20 vs 60 real; floor at n=20:" in line and "KID" in line
+
+
+def test_metric_intervals_and_separated_pairs():
+    from diffmodels.metrics.inpainting import metric_intervals, separated_pairs
+
+    def per_image(shift):
+        x = gaussian(40, 1, 0)[:, 0]
+        return {"psnr_image": 30 + shift + x, "ssim_image": 0.9 + 0 * x, "seam": torch.full((40,), float("inf"))}
+
+    a, b, c = (metric_intervals(per_image(s), 500, 0) for s in (0.0, 0.1, 5.0))
+    assert a["seam"] is None and a["psnr_image"]["n"] == 40  # no finite seam values: no interval
+    assert separated_pairs({"a": a, "b": b, "c": c})["psnr_image"] == ["a vs c", "b vs c"]
