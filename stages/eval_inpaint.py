@@ -11,8 +11,11 @@ against its VAE reconstruction, the seam score, and FID / KID of each method's f
 sets. The VAE's own leakage (decoder and encoder) does not depend on the denoiser and is measured
 by stage eval_leakage.
 
-Outputs in ``reports/eval_inpaint/``: ``metrics.json`` (``<method>/<mask set>/<metric>``,
-``fid/<method>``, ``kid/<method>``) and ``panels/<method>.png`` (original | mask | inpainted |
+Outputs in ``reports/eval_inpaint/``: ``metrics.json`` (``<method>/<mask set>/<metric>`` means;
+``intervals/<mask set>/<method>/<metric>`` bootstrap 95 % intervals of PSNR / SSIM / seam over
+images and ``separated/<mask set>/<metric>`` the method pairs whose intervals do not overlap;
+``scores/<method>``: FID / KID of the fills with n, floor and intervals, the key contract of
+:mod:`diffmodels.metrics.scores`) and ``panels/<method>.png`` (original | mask | inpainted |
 process). MLflow: one child run per method under the stage run.
 """
 
@@ -35,13 +38,10 @@ from diffmodels.data.masks import load_mask_set
 from diffmodels.diffusion import inpaint
 from diffmodels.diffusion.denoiser import load_denoiser
 from diffmodels.diffusion.schedule import NoiseSchedule
-from diffmodels.metrics.fid import (
-    EXTRACTOR,
-    InceptionFeatures,
-    fid_kid,
-    inception_features,
-)
-from diffmodels.metrics.inpainting import evaluate_method, reconstructions
+from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, inception_features
+from diffmodels.metrics.inpainting import evaluate_method, metric_intervals, reconstructions, separated_pairs
+from diffmodels.metrics.intervals import fid_floor
+from diffmodels.metrics.scores import format_scores, rounded, score_features
 from diffmodels.models.unet import UNet
 from diffmodels.models.vae import VAE, load_vae
 from diffmodels.reporting.sampling_figures import inpaint_panel
@@ -100,6 +100,8 @@ def run(args) -> None:
     metrics: dict = {"num_images": n, "fid_extractor": EXTRACTOR, "mask_policy": p.mask_policy,
                      "sampler": f"{p.sampler}-{p.ddim_steps if p.sampler == 'ddim' else T}"}
     extractor = InceptionFeatures()
+    e, floors, intervals = params.eval, {}, {name: {} for name in masks}
+    metrics["scores"] = {}
 
     with tracking.stage_run("eval_inpaint", params, GROUPS):
         for method in p.methods:  # every method x every mask set: fidelity, seam, fills for FID/KID
@@ -108,30 +110,38 @@ def run(args) -> None:
                 for name, result in evaluate_method(method, images, recon, masks, batch_size=p.batch_size, seed=seed,
                                                     process_points=PROCESS_POINTS, **settings):
                     metrics.update({f"{method}/{name}/{k}": v for k, v in result.scores.items()})
+                    intervals[name][method] = metric_intervals(result.per_image, e.bootstrap, seed)
                     tracking.log_metrics({name: result.scores})
                     fills.append(to_uint8(result.output).cpu().numpy())
                     if len(examples) < p.panel_images:
                         examples[name] = [fills[-1][0], *(to_uint8(vae.decode(z / scale))[0].cpu().numpy()
                                                           for z in result.process)]
-                fid = fid_kid(real, inception_features(np.concatenate(fills), extractor, params.eval.fid_batch_size,
-                                                       device), kid_subsets=params.eval.kid_subsets, seed=seed)
-                metrics.update({f"fid/{method}": round(fid["fid"], 3), f"kid/{method}": round(fid["kid_mean"], 5),
-                                f"seconds/{method}": round(time.perf_counter() - method_started, 1)})
-                tracking.log_metrics({"fid": fid["fid"], "kid": fid["kid_mean"]})
+                feats = inception_features(np.concatenate(fills), extractor, e.fid_batch_size, device)
+                if len(feats) not in floors:
+                    floors[len(feats)] = fid_floor(real, len(feats), repeats=e.floor_repeats, seed=seed)
+                fid = rounded(score_features(real, feats, kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size,
+                                             seed=seed, fid_bootstrap=e.fid_bootstrap, floor=floors[len(feats)]))
+                metrics["scores"][method] = fid
+                metrics[f"seconds/{method}"] = round(time.perf_counter() - method_started, 1)
+                tracking.log_metrics({"scores": fid})
                 tracking.set_tags({"fid_extractor": EXTRACTOR})
                 panel = inpaint_panel(out / "panels" / f"{method}.png", first, {k: m[0] for k, m in masks.items()},
                                       examples, title=f"{method} ({metrics['sampler']}, mask policy {p.mask_policy})")
                 if params.tracking.log_images:
                     tracking.log_artifact(str(panel), artifact_path="panels")
 
+        metrics["intervals"] = intervals
+        metrics["separated"] = {name: separated_pairs(by_method) for name, by_method in intervals.items()}
         metrics["seconds"] = round(time.perf_counter() - started, 1)
         write_json(out / "metrics.json", metrics)
         tracking.log_metrics(metrics)
         tracking.log_artifact(str(out / "metrics.json"))
 
-    best = min(p.methods, key=lambda m: metrics[f"fid/{m}"])
-    print(f"eval_inpaint: {len(p.methods)} methods x {len(masks)} mask sets x {n} images; "
-          f"best FID {best} {metrics[f'fid/{best}']:.1f} ({metrics['seconds']:.0f}s)")
+    print(f"eval_inpaint: {len(p.methods)} methods x {len(masks)} mask sets x {n} images ({metrics['seconds']:.0f}s)")
+    for method in p.methods:
+        print("eval_inpaint: " + format_scores(method, metrics["scores"][method]))
+    pairs = sum(len(v) for by_metric in metrics["separated"].values() for v in by_metric.values())
+    print(f"eval_inpaint: {pairs} (mask set, metric, method pair) intervals separate (metrics.json: separated)")
 
 
 main = stage_main(run, parser)

@@ -3,8 +3,10 @@
     python3 -m stages.fid_reference --prepared data/prepared --out data/fid/test_features.safetensors
 
 Computed once and reused by ``sample`` and ``eval_inpaint``, so changing a sampler does not
-recompute the real statistics. The first ``eval.fid_real_images`` test images (seeded order of
-the prepare stage) are used.
+recompute the real statistics. The reference is the prepare stage's ``fid_test`` split: the
+whole test pool (the official 10,000 Fashion-MNIST test images) in a seeded order, regardless of
+``data.max_test``; its first ``eval.fid_real_images`` images are used (all of them when null).
+A prepared folder written before that split existed falls back to the ``test`` split.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from diffmodels.core import tracking
 from diffmodels.core.checkpoint import save_checkpoint
 from diffmodels.core.config import load_params
 from diffmodels.core.device import select_device
-from diffmodels.data.datasets import load_split
+from diffmodels.data.datasets import FID_SPLIT, load_split
 from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, inception_features
 from stages._cli import base_parser, stage_main
 
@@ -30,13 +32,14 @@ def run(args) -> None:
     params = load_params(args.params)
     p = params.eval
     started = time.perf_counter()
-    test = load_split(args.prepared, "test")
-    images = np.asarray(test.images[: p.fid_real_images])
+    split = FID_SPLIT if (args.prepared / f"{FID_SPLIT}_images.npy").is_file() else "test"
+    test = load_split(args.prepared, split)
+    images = np.asarray(test.images[: p.fid_real_images])  # [:None] = all
     device = select_device("auto")
     with tracking.stage_run("fid_reference", params, GROUPS):
         feats = inception_features(images, InceptionFeatures(), p.fid_batch_size, device)
         save_checkpoint(args.out, {"features": feats}, {"kind": "fid_features", "extractor": EXTRACTOR,
-                                                        "split": "test", "num_images": len(images)})
+                                                        "split": split, "num_images": len(images)})
         tracking.log_metrics({"num_images": len(images), "seconds": time.perf_counter() - started})
         tracking.set_tags({"extractor": EXTRACTOR})
     print(f"fid_reference: {len(images)} test images -> {tuple(feats.shape)} features ({time.perf_counter() - started:.0f}s)")

@@ -3,8 +3,13 @@
     python3 -m stages.sample --ddpm data/models/ddpm.safetensors --vae data/models/vae.safetensors \\
         --latents data/latents --fid-reference data/fid/test_features.safetensors --reports reports/sample
 
-Samplers: ancestral DDPM over all T steps and DDIM with ``sample.ddim_steps``, from the
-same initial noise (:mod:`diffmodels.diffusion.sampling`). Figures (``reports/sample/figures/``,
+Samplers: ancestral DDPM over all T steps (``sample.ddpm_images`` samples) and DDIM with
+``sample.ddim_steps`` (``sample.ddim_images``), from the same initial noise
+(:mod:`diffmodels.diffusion.sampling`). Each is scored by
+:func:`~diffmodels.metrics.scores.score_features`: FID with its bootstrap interval and the floor
+at its n, KID with its interval, precision / recall / density / coverage, written to
+``metrics.json`` under ``scores/<sampler>`` (the key contract of :mod:`diffmodels.metrics.scores`).
+Figures (``reports/sample/figures/``,
 :mod:`diffmodels.reporting.sampling_figures`):
 
     ddpm_samples.png / ddim_samples.png   unconditional samples (null label when class-conditional)
@@ -36,12 +41,9 @@ from diffmodels.data import latent_cache
 from diffmodels.data.images import make_grid, save_png, to_uint8
 from diffmodels.diffusion.denoiser import load_denoiser
 from diffmodels.diffusion.sampling import sample_batches, seeded_noise
-from diffmodels.metrics.fid import (
-    EXTRACTOR,
-    InceptionFeatures,
-    fid_kid,
-    inception_features,
-)
+from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, inception_features
+from diffmodels.metrics.intervals import fid_floor
+from diffmodels.metrics.scores import format_scores, rounded, score_features
 from diffmodels.models.vae import load_vae
 from diffmodels.reporting import sampling_figures as figs
 from stages._cli import base_parser, stage_main
@@ -65,17 +67,28 @@ def check(p: SampleParams, num_steps: int, class_names: list[str]) -> None:
                               "(ddpm.num_steps)")
 
 
-def sample_and_score(name: str, sample: Callable[[str], Iterator[torch.Tensor]], decode, real: torch.Tensor,
-                     extractor: InceptionFeatures, params: Params, device: torch.device, metrics: dict) -> np.ndarray:
-    """Decoded samples (N, H, W, C) uint8 of sampler ``name``; their time per image and FID / KID
-    against the test features ``real`` go into ``metrics``."""
+def score(real: torch.Tensor, fake: torch.Tensor, params: Params, floors: dict[int, dict]) -> dict:
+    """The scores dict of generated features ``fake`` against ``real``; the FID floor is computed
+    once per n (``floors``) and shared by every set of that size."""
+    e = params.eval
+    if len(fake) not in floors:
+        floors[len(fake)] = fid_floor(real, len(fake), repeats=e.floor_repeats, seed=params.seed)
+    return score_features(real, fake, kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size, seed=params.seed,
+                          fid_bootstrap=e.fid_bootstrap, floor=floors[len(fake)])
+
+
+def sample_and_score(name: str, sample: Callable[..., Iterator[torch.Tensor]], num_images: int, decode,
+                     real: torch.Tensor, extractor: InceptionFeatures, params: Params, device: torch.device,
+                     metrics: dict, floors: dict[int, dict]) -> np.ndarray:
+    """``num_images`` decoded samples (N, H, W, C) uint8 of sampler ``name``; their time per image
+    and scores against the test features ``real`` go into ``metrics``."""
     started = time.perf_counter()
-    images = np.concatenate([decode(z) for z in sample(name)])
+    images = np.concatenate([decode(z) for z in sample(name, num_images=num_images)])
     metrics[f"seconds_per_image_{name}"] = round((time.perf_counter() - started) / len(images), 4)
-    scores = fid_kid(real, inception_features(images, extractor, params.eval.fid_batch_size, device),
-                     kid_subsets=params.eval.kid_subsets, seed=params.seed)
-    metrics.update({f"fid_{name}": round(scores["fid"], 3), f"kid_{name}": round(scores["kid_mean"], 5),
-                    f"kid_std_{name}": round(scores["kid_std"], 5)})
+    started = time.perf_counter()
+    feats = inception_features(images, extractor, params.eval.fid_batch_size, device)
+    metrics["scores"][name] = rounded(score(real, feats, params, floors))
+    metrics[f"seconds_scoring_{name}"] = round(time.perf_counter() - started, 1)
     return images
 
 
@@ -101,17 +114,18 @@ def run(args) -> None:
         return model(x, t, None)  # the null label when class-conditional
 
     extractor = InceptionFeatures()
-    metrics: dict = {"fid_extractor": EXTRACTOR, "num_images": p.num_images, "num_real": len(real)}
+    metrics: dict = {"fid_extractor": EXTRACTOR, "num_real": len(real), "scores": {}}
+    floors: dict[int, dict] = {}
     figures: list[Path] = []
     kw = dict(ddim_steps=p.ddim_steps, prediction=prediction, decode=decode)
     sample = functools.partial(sample_batches, denoise_fn=unconditional, schedule=schedule, latent_shape=shape,
-                               num_images=p.num_images, batch_size=p.batch_size, seed=seed, device=device,
+                               batch_size=p.batch_size, seed=seed, device=device,
                                prediction=prediction, ddpm_variance=p.ddpm_variance, ddim_steps=p.ddim_steps,
                                ddim_eta=p.ddim_eta)
     with tracking.stage_run("sample", params, GROUPS):
         # 1. unconditional samples, both samplers from the same x_T, timed and scored
-        for name in ("ddpm", "ddim"):
-            images = sample_and_score(name, sample, decode, real, extractor, params, device, metrics)
+        for name, count in (("ddpm", p.ddpm_images), ("ddim", p.ddim_images)):
+            images = sample_and_score(name, sample, count, decode, real, extractor, params, device, metrics, floors)
             save_png(out / f"{name}_samples.png", make_grid(images[:64]))
             figures.append(out / f"{name}_samples.png")
         # 2.-4. the process: a denoising strip, forward diffusion, one step vs iterating
@@ -137,9 +151,13 @@ def run(args) -> None:
             for path in figures:
                 tracking.log_artifact(str(path), artifact_path="figures")
 
-    print(f"sample: {p.num_images} images per sampler; FID DDPM {metrics['fid_ddpm']:.1f}, DDIM-{p.ddim_steps} "
-          f"{metrics['fid_ddim']:.1f} vs {len(real)} test images; {metrics['seconds_per_image_ddpm']:.2f} / "
-          f"{metrics['seconds_per_image_ddim']:.3f} s per image")
+    for name in ("ddpm", "ddim"):
+        print("sample: " + format_scores(name if name == "ddpm" else f"ddim-{p.ddim_steps}", metrics["scores"][name]))
+        note = metrics["scores"][name]["floor_note"]
+        if note:
+            print(f"sample: {name}: {note}")
+    print(f"sample: {metrics['seconds_per_image_ddpm']:.2f} / {metrics['seconds_per_image_ddim']:.3f} s per image "
+          "(DDPM / DDIM)")
 
 
 main = stage_main(run, parser)

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from diffmodels.core.config import Params, flatten, load_params, parse_params
+from diffmodels.core.config import EvalParams, Params, flatten, load_params, parse_params
 from diffmodels.core.errors import ParamsError
 from tests.conftest import ROOT, params_with
 
@@ -75,6 +75,12 @@ def test_a_key_that_is_not_a_string_is_unknown():
         ({"vae.arch": "conventional", "vae.norm_groups": 16}, "vae.norm_groups 16 must divide every width [8, 16, 32, 64]"),
         ({"vae.disc_weight": -1.0}, "vae.disc_weight must be >= 0"),
         ({"vae.freq_weight": -1.0}, "vae.freq_weight must be >= 0"),
+        ({"sample.ddim_images": 1}, "sample.ddim_images must be >= 2, <= 100000 (got 1: not >= 2)"),
+        ({"eval.fid_bootstrap": 1}, "eval.fid_bootstrap must be >= 2"),
+        ({"eval.fid_real_images": "all"}, "eval.fid_real_images must be an integer (>= 4) (got 'all')"),
+        # a KID subset larger than a generated set: the key, the set and the fix
+        ({"eval.kid_subset_size": 100, "sample.ddpm_images": 64},
+         "eval.kid_subset_size 100 exceeds the 64 images of sample.ddpm_images: set it to at most 64 or null"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(overrides, expected):
@@ -90,9 +96,10 @@ def test_missing_key_is_reported_with_expected_type():
 
 def test_an_empty_group_reports_each_key_missing():
     msg = error_of({"eval": None})
-    assert msg.splitlines() == ["params.yaml: missing key 'eval.fid_real_images' (expected an integer (>= 2))",
-                                "params.yaml: missing key 'eval.fid_batch_size' (expected an integer (>= 1))",
-                                "params.yaml: missing key 'eval.kid_subsets' (expected an integer (>= 1))"]
+    assert msg.splitlines()[:3] == ["params.yaml: missing key 'eval.fid_real_images' (expected an integer (>= 4) or null)",
+                                    "params.yaml: missing key 'eval.fid_batch_size' (expected an integer (>= 1))",
+                                    "params.yaml: missing key 'eval.kid_subsets' (expected an integer (>= 1))"]
+    assert len(msg.splitlines()) == len(EvalParams.model_fields)
     assert error_of(mutate=lambda r: r["data"].pop("max_train")) == (
         "params.yaml: missing key 'data.max_train' (expected an integer (>= 1) or null)")
 

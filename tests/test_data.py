@@ -193,13 +193,13 @@ def test_make_splits_and_storage_round_trip(tmp_path, fake_fashion):
     p = parse_params(params_with({"data.resolution": 16, "data.max_train": 20, "data.max_test": 5})).data
     collected = datasets.collect_fashion_mnist(tmp_path / "cache", True, 16, 1, system_dir=src)
     splits = datasets.make_splits(collected, p, seed=0)
-    assert {k: len(v.images) for k, v in splits.items()} == {"train": 20, "val": 2, "test": 5}
+    assert {k: len(v.images) for k, v in splits.items()} == {"train": 20, "val": 2, "test": 5, "fid_test": 12}
     assert splits["train"].images.shape[1:] == (16, 16, 1)
     again = datasets.make_splits(collected, p, seed=0)
     assert np.array_equal(again["train"].images, splits["train"].images)
 
     manifest = datasets.write_prepared(tmp_path / "prep", splits, collected.class_names, {"source": "test"})
-    assert manifest["counts"] == {"train": 20, "val": 2, "test": 5}
+    assert manifest["counts"] == {"train": 20, "val": 2, "test": 5, "fid_test": 12}  # fid_test: the whole test pool, uncapped
     assert manifest["sha256"]["train_images.npy"] == datasets.sha256_file(tmp_path / "prep" / "train_images.npy")
     loaded = datasets.load_split(tmp_path / "prep", "test")
     assert np.array_equal(loaded.images, splits["test"].images)

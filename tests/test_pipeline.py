@@ -11,6 +11,7 @@ import mlflow
 import pytest
 import yaml
 
+from diffmodels.metrics.scores import KEYS
 from tests.conftest import ROOT, save_image, shipped_params
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -64,13 +65,14 @@ TINY = {
              "num_steps": 20, "base_channels": 8, "norm_groups": 4, "steps": 3, "batch_size": 8, "warmup_steps": 1,
              "checkpoint_every": 2, "log_every": 1, "sample_every": 2, "sample_steps": 2, "sample_images": 2},
     "sample": {**SHIPPED["sample"],
-               "num_images": 4, "batch_size": 4, "ddim_steps": 4, "strip_points": 3,
+               "ddpm_images": 4, "ddim_images": 5, "batch_size": 4, "ddim_steps": 4, "strip_points": 3,
                "why_iterate_steps": [5, 15], "guidance_scales": [0.0, 2.0], "anagram_classes": [0, 1]},
     "inpaint": {**SHIPPED["inpaint"],
                 "num_images": 2, "ddim_steps": 3, "repaint_jump": 1, "repaint_resample": 2, "sdedit_t0": 10,
                 "panel_images": 2, "methods": ["clamp_mean", "repaint", "sdedit"]},
     "leakage": {"num_images": 2, "samples": 2},
-    "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2},
+    "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2, "kid_subset_size": None, "fid_bootstrap": 4,
+             "floor_repeats": 2, "bootstrap": 50},
 }
 STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample", "eval_leakage", "eval_inpaint",
           "convert_sd", "sd_baselines", "report")
@@ -98,7 +100,9 @@ def test_repro_then_nothing_reruns(project):
     leakage = json.loads((project / "reports/eval_leakage/metrics.json").read_text())
     assert 0 <= leakage["aligned/leak_radius_px"] <= 32 and 0 <= leakage["offset/leak_mean"] < 1
     metrics = json.loads((project / "reports/eval_inpaint/metrics.json").read_text())
-    assert metrics["fid/repaint"] > 0
+    assert metrics["scores"]["repaint"]["fid"] > 0 and set(KEYS) <= set(metrics["scores"]["repaint"])
+    assert metrics["scores"]["repaint"]["floor_note"]  # 6 reference images < 2 n: said, not hidden
+    assert set(metrics["separated"]) == set(metrics["intervals"]) and all("repaint" in v for v in metrics["intervals"].values())
     assert 0 <= metrics["clamp_mean/centre_aligned/ssim_image"] <= 1
     assert (project / "reports/eval_inpaint/panels/sdedit.png").exists()
     everything = json.loads((project / "reports/metrics.json").read_text())
@@ -136,7 +140,7 @@ def test_experiment_reruns_only_downstream_and_shows_in_exp_show(project, overri
     key, value = override.split("=")
     group, leaf = key.split(".")
     assert str(params[group][leaf]) == value
-    assert metrics["steps"] == 3 and metrics["fid_ddim"] > 0 and metrics["fid_extractor"].startswith("inception-v3")
+    assert metrics["steps"] == 3 and metrics["scores"]["ddim"]["fid"] > 0 and metrics["fid_extractor"].startswith("inception-v3")
     tags = {r.data.tags.get("dvc_exp_name") for r in runs(project)}
     assert name in tags
 
@@ -182,7 +186,7 @@ def test_queued_experiment_records_into_the_main_store(project):
     assert run.data.params["ddpm.mixer"] == "none" and run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
     params, metrics = experiment(project, "res32")
-    assert params["data"]["resolution"] == 32 and metrics["fid_ddim"] > 0
+    assert params["data"]["resolution"] == 32 and metrics["scores"]["ddim"]["fid"] > 0
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside the temporary copy"
 
 

@@ -47,7 +47,7 @@ def test_folder_with_broken_files(tmp_path, image_folder, write_params, mlflow_s
     assert sorted(r["path"] for r in rows) == ["cats/notes.png", "cats/truncated.png", "dogs/empty.jpg"]
 
     manifest = json.loads((tmp_path / "out/prepared/manifest.json").read_text())
-    assert manifest["counts"] == {"train": 35, "val": 5, "test": 10}
+    assert manifest["counts"] == {"train": 35, "val": 5, "test": 10, "fid_test": 10}
     assert manifest["class_names"] == ["cats", "dogs"]
     train = np.load(tmp_path / "out/prepared/train_images.npy")
     assert train.shape == (35, 16, 16, 3) and train.dtype == np.uint8

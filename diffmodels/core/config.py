@@ -290,7 +290,8 @@ class DdpmParams(_Group):
 
 
 class SampleParams(_Group):
-    num_images: Annotated[int, Field(ge=2, le=100000)]  # per sampler, for the grids and FID/KID
+    ddpm_images: Annotated[int, Field(ge=2, le=100000)]  # ancestral DDPM samples: the grid and FID/KID
+    ddim_images: Annotated[int, Field(ge=2, le=100000)]  # DDIM samples (~35x cheaper per image)
     batch_size: Count
     ddpm_variance: Literal["beta", "posterior"]  # sigma_t^2 of ancestral DDPM: beta_t or beta_tilde_t (Ho et al. 2020)
     ddim_steps: Annotated[int, Field(ge=1, le=10000)]
@@ -333,9 +334,13 @@ class LeakageParams(_Group):
 
 
 class EvalParams(_Group):
-    fid_real_images: Annotated[int, Field(ge=2)]  # test images in the FID/KID reference set
+    fid_real_images: Annotated[int, Field(ge=4)] | None  # reference images from the full test split; None: all
     fid_batch_size: Count  # images per InceptionV3 batch
     kid_subsets: Count  # random subsets averaged by KID
+    kid_subset_size: Annotated[int, Field(ge=2)] | None  # images per KID subset; None: min(n, 1000)
+    fid_bootstrap: Annotated[int, Field(ge=2, le=100000)]  # resamples of the FID/KID bootstrap intervals
+    floor_repeats: Annotated[int, Field(ge=1, le=100)]  # disjoint real-subset draws of the FID floor
+    bootstrap: Annotated[int, Field(ge=2, le=1000000)]  # resamples of per-image metric intervals
 
 
 class SdParams(_Group):
@@ -412,6 +417,15 @@ class Params(_Group):
         unet = UNetConfig.from_params(self.ddpm, in_channels=self.latents.channels,
                                       latent_size=self.data.resolution // 8, num_classes=0)
         errors.extend(unet.problems())
+        # A KID subset is drawn from the generated set, so it cannot hold more than n images.
+        size = self.eval.kid_subset_size
+        sets = (("sample.ddpm_images", self.sample.ddpm_images), ("sample.ddim_images", self.sample.ddim_images),
+                ("inpaint.num_images", self.inpaint.num_images * len(self.data.mask_sets)))
+        for key, n in sets:
+            if size is not None and size > n:
+                errors.append(f"eval.kid_subset_size {size} exceeds the {n} images of {key}: set it to at most {n} "
+                              "or null (min(n, 1000))")
+                break
         # Each training process takes an equal share of every global batch.
         nproc = self.distributed.nproc_per_node
         for key, batch in (("vae.batch_size", self.vae.batch_size), ("ddpm.batch_size", self.ddpm.batch_size)):

@@ -39,6 +39,8 @@ from diffmodels.core.errors import DataError
 from diffmodels.core.io import atomic_path, write_json
 
 SPLITS = ("train", "val", "test")
+# The whole test pool in a seeded order, ignoring data.max_test: the FID reference (stage fid_reference)
+FID_SPLIT = "fid_test"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 FASHION_MNIST_CLASSES = (
@@ -343,6 +345,17 @@ def make_splits(collected: Collected, data: Any, seed: int) -> dict[str, Split]:
         if collected.transform is not None:
             images = collected.transform(images)
         splits[name] = Split(images, pool_labels[chosen])
+    # the FID reference may use the entire test pool (10,000 images for Fashion-MNIST), so it is
+    # written uncapped, in a seeded order: its first k images are a random k-subset
+    if collected.test is not None:
+        pool_images, pool_labels = collected.test.images, collected.test.labels
+        pool = np.arange(len(pool_images))
+    else:
+        pool_images, pool_labels, pool = collected.images, collected.labels, idx["test"]
+    order = np.random.default_rng(seed + 17).permutation(pool)
+    images = pool_images[order]
+    splits[FID_SPLIT] = Split(collected.transform(images) if collected.transform is not None else images,
+                              pool_labels[order])
     return splits
 
 
@@ -381,8 +394,8 @@ def write_prepared(out_dir: Path, splits: dict[str, Split], class_names: list[st
 def load_split(prepared_dir: str | Path, split: str, mmap: bool = True) -> Split:
     """Read one split of a prepared dataset (memory-mapped by default)."""
     prepared_dir = Path(prepared_dir)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in (*SPLITS, FID_SPLIT):
+        raise ValueError(f"split must be one of {(*SPLITS, FID_SPLIT)}, got {split!r}")
     try:
         mode = "r" if mmap else None
         images = np.load(prepared_dir / f"{split}_images.npy", mmap_mode=mode, allow_pickle=False)

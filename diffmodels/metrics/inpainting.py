@@ -1,7 +1,8 @@
 """Evaluating an inpainting method (stage eval_inpaint): run it over every mask set in seeded
 batches and score each set's outputs by preserved-region fidelity
 (:func:`~diffmodels.metrics.fidelity.preserved_fidelity`) and the seam score
-(:func:`~diffmodels.metrics.seam.seam_score`), averaged over images.
+(:func:`~diffmodels.metrics.seam.seam_score`), averaged over images, with seeded bootstrap
+intervals of the per-image means (:func:`metric_intervals`) and which method pairs they separate.
 
 Seeds: batch ``i`` (its first image's index) of mask set number ``k`` inpaints with a generator
 seeded ``seed + 7919 k + i``, so every (set, batch) draws its own noise and a method's numbers do
@@ -11,7 +12,7 @@ not depend on which other methods or sets run.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 from diffmodels.core.progress import progress
 from diffmodels.diffusion import inpaint
 from diffmodels.metrics.fidelity import preserved_fidelity
+from diffmodels.metrics.intervals import bootstrap_interval, intervals_separate
 from diffmodels.metrics.seam import seam_score
 
 SET_SEED_STRIDE = 7919  # a prime: the seeds of two sets' batches never meet for fewer than 7919 images
@@ -34,6 +36,10 @@ class MaskSetResult:
     output: Tensor
     scores: dict[str, float | None]
     process: list[Tensor]
+    per_image: dict[str, Tensor] = field(default_factory=dict)  # metric -> (n,) float values, inf/nan kept
+
+
+INTERVAL_METRICS = ("psnr_image", "ssim_image", "seam")  # the per-image metrics given bootstrap intervals
 
 
 @torch.no_grad()
@@ -45,11 +51,19 @@ def reconstructions(images: Tensor, encode: Callable[[Tensor], Tensor], decode: 
                       for i in range(0, len(images), batch_size)])
 
 
-def mean_scores(output: Tensor, images: Tensor, recon: Tensor, hole: Tensor) -> dict[str, float | None]:
-    """Preserved-region fidelity against the image and its reconstruction, and the seam score, each
-    averaged over the images where it is finite (PSNR of an exact match is inf) and rounded to 5 digits."""
+def per_image_scores(output: Tensor, images: Tensor, recon: Tensor, hole: Tensor) -> dict[str, Tensor]:
+    """Preserved-region fidelity against the image and its reconstruction, and the seam score:
+    metric -> (n,) values, one per image."""
     values = preserved_fidelity(output, images, recon, hole)
     values["seam"] = seam_score(output, images, hole)
+    return values
+
+
+def mean_scores(output: Tensor, images: Tensor, recon: Tensor, hole: Tensor,
+                values: dict[str, Tensor] | None = None) -> dict[str, float | None]:
+    """:func:`per_image_scores` (or ``values`` already computed), each averaged over the images where
+    it is finite (PSNR of an exact match is inf) and rounded to 5 digits."""
+    values = per_image_scores(output, images, recon, hole) if values is None else values
     scores: dict[str, float | None] = {}
     for key, per_image in values.items():
         finite = per_image[torch.isfinite(per_image)]
@@ -86,4 +100,34 @@ def evaluate_method(method: inpaint.Method, images: Tensor, recon: Tensor, masks
         output, process = inpaint_mask_set(method, images, hole, batch_size=batch_size,
                                            seed=seed + SET_SEED_STRIDE * index, process_points=process_points,
                                            **settings)
-        yield name, MaskSetResult(output, mean_scores(output, images, recon, hole), process)
+        values = per_image_scores(output, images, recon, hole)
+        yield name, MaskSetResult(output, mean_scores(output, images, recon, hole, values), process, values)
+
+
+def metric_intervals(per_image: Mapping[str, Tensor], num_resamples: int, seed: int,
+                     keys: tuple[str, ...] = INTERVAL_METRICS) -> dict[str, dict]:
+    """Bootstrap 95 % interval of the mean over images of each metric in ``keys``, over its finite
+    values (:func:`~diffmodels.metrics.intervals.bootstrap_interval`); metric -> {value, low, high, n},
+    None where fewer than 2 images have a finite value."""
+    out: dict[str, dict] = {}
+    for key in keys:
+        values = per_image[key].double().flatten()
+        finite = values[torch.isfinite(values)]
+        out[key] = None if len(finite) < 2 else {
+            k: (round(v, 5) if isinstance(v, float) else v)
+            for k, v in bootstrap_interval(finite, num_resamples=num_resamples, seed=seed).items()
+            if k in ("value", "low", "high", "n")}
+    return out
+
+
+def separated_pairs(intervals: Mapping[str, Mapping[str, dict | None]]) -> dict[str, list[str]]:
+    """For each metric, the method pairs ``"a vs b"`` whose intervals do not overlap, from
+    ``intervals`` method -> metric -> interval (as :func:`metric_intervals` returns, one mask set)."""
+    methods = list(intervals)
+    metrics = sorted({k for m in methods for k in intervals[m]})
+    out: dict[str, list[str]] = {}
+    for key in metrics:
+        out[key] = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]
+                    if intervals[a].get(key) and intervals[b].get(key)
+                    and intervals_separate(intervals[a][key], intervals[b][key])]
+    return out
