@@ -87,7 +87,8 @@ def test_an_empty_group_reports_each_key_missing():
     msg = error_of({"eval": None})
     assert msg.splitlines() == ["params.yaml: missing key 'eval.fid_real_images' (expected an integer (>= 2))",
                                 "params.yaml: missing key 'eval.fid_batch_size' (expected an integer (>= 1))",
-                                "params.yaml: missing key 'eval.kid_subsets' (expected an integer (>= 1))"]
+                                "params.yaml: missing key 'eval.kid_subsets' (expected an integer (>= 1))",
+                                "params.yaml: missing key 'eval.vae_images' (expected an integer (>= 2))"]
     assert error_of(mutate=lambda r: r["data"].pop("max_train")) == (
         "params.yaml: missing key 'data.max_train' (expected an integer (>= 1) or null)")
 

@@ -318,6 +318,7 @@ class EvalParams(_Group):
     fid_real_images: Annotated[int, Field(ge=2)]  # test images in the FID/KID reference set
     fid_batch_size: Count  # images per InceptionV3 batch
     kid_subsets: Count  # random subsets averaged by KID
+    vae_images: Annotated[int, Field(ge=2)]  # validation images reconstructed by eval_vae
 
 
 class SdParams(_Group):
