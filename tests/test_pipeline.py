@@ -72,10 +72,10 @@ TINY = {
                 "panel_images": 2, "methods": ["clamp_mean", "repaint", "sdedit"]},
     "leakage": {"num_images": 2, "samples": 2},
     "eval": {"fid_real_images": 6, "fid_batch_size": 8, "kid_subsets": 2, "kid_subset_size": None, "fid_bootstrap": 4,
-             "floor_repeats": 2, "bootstrap": 50},
+             "floor_repeats": 2, "bootstrap": 50, "vae_images": 4},
 }
-STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "sample", "eval_leakage", "eval_inpaint",
-          "convert_sd", "sd_baselines", "report")
+STAGES = ("prepare", "train_vae", "cache_latents", "train_ddpm", "fid_reference", "eval_vae", "sample", "eval_leakage",
+          "eval_inpaint", "convert_sd", "sd_baselines", "report")
 
 
 def ran(output: str) -> set[str]:

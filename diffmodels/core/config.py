@@ -341,6 +341,7 @@ class EvalParams(_Group):
     fid_bootstrap: Annotated[int, Field(ge=2, le=100000)]  # resamples of the FID/KID bootstrap intervals
     floor_repeats: Annotated[int, Field(ge=1, le=100)]  # disjoint real-subset draws of the FID floor
     bootstrap: Annotated[int, Field(ge=2, le=1000000)]  # resamples of per-image metric intervals
+    vae_images: Annotated[int, Field(ge=2)]  # validation images reconstructed by eval_vae
 
 
 class SdParams(_Group):
