@@ -5,7 +5,8 @@
 A guided sampler evaluates the UNet on the conditional and the unconditional copy of every
 latent in one batch of 2 x ``--batch`` (:func:`diffmodels.diffusion.samplers.classifier_free_guidance`),
 without gradients. For each latent size it builds the UNet of the default ``ddpm`` params with
-each mixer (serpentine, attention, none; the same levels get context blocks), times that call
+each mixer (serpentine, attention, none; context blocks at ``ddpm.mixer_downsample`` and the
+middle, or at every level with ``--every-level``), times that call
 in turns (:func:`benchmarks.measure.time_interleaved`) and prints the ratio serpentine /
 attention against its target (<= 1.0x) with PASS / FAIL. Writes ``<out>/sample_step.json``.
 """
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--every-level", action="store_true", help="context blocks at every level, not ddpm.mixer_downsample's")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,7 +53,7 @@ def main() -> None:
         x = torch.randn(2 * args.batch, 4, size, size, device=device)
         t = torch.randint(0, p.num_steps, (2 * args.batch,), device=device)
         labels = torch.cat([torch.randint(0, 10, (args.batch,)), torch.full((args.batch,), 10)]).to(device)
-        models = {mixer: build(p, mixer, size, 4, device).eval() for mixer in MIXERS}
+        models = {mixer: build(p, mixer, size, 4, device, args.every_level).eval() for mixer in MIXERS}
 
         calls = {mixer: functools.partial(guided_call, model, x, t, labels) for mixer, model in models.items()}
         for fn in calls.values():
@@ -59,7 +61,8 @@ def main() -> None:
         timed = time_interleaved(calls, args.repeats, device)
         row = {"latent": size, "batch": 2 * args.batch, **{f"{m}_ms": round(timed[m][0], 2) for m in MIXERS},
                **{f"{m}_ms_min": round(timed[m][1], 2) for m in MIXERS},
-               **{f"{m}_parameters": sum(q.numel() for q in models[m].parameters()) for m in MIXERS}}
+               **{f"{m}_parameters": sum(q.numel() for q in models[m].parameters()) for m in MIXERS},
+               "context_levels": list(models["serpentine"].config.mixer_downsample)}
         row["ratio"] = row["serpentine_ms"] / row["attention_ms"]
         row["pass"] = row["ratio"] <= TARGET
         rows.append(row)

@@ -3,7 +3,8 @@
     python3 -m benchmarks.train_step [--out reports/bench] [--batch 64] [--sizes 8 32] [--repeats 7]
 
 For each mixer (serpentine, attention, none) and latent size it builds the UNet of the default
-``ddpm`` params (context blocks at every level), and times one full training step: the DDPM
+``ddpm`` params (context blocks at ``ddpm.mixer_downsample``, or at every level with
+``--every-level``), and times one full training step: the DDPM
 loss (:func:`diffmodels.diffusion.objectives.diffusion_loss`), backward, gradient clipping and an AdamW update.
 On CUDA it also runs the step under bf16 autocast. The mixers' steps are timed in turns; the
 ratio serpentine / attention is printed against its target (<= 1.0x). Prints a table and writes
@@ -28,17 +29,20 @@ MIXERS = ("serpentine", "attention", "none")
 TARGET = 1.0  # step time, serpentine / attention
 
 
-def build(p, mixer: str, size: int, channels: int, device: torch.device) -> UNet:
-    levels = len(p.channel_mult)
+def build(p, mixer: str, size: int, channels: int, device: torch.device, every_level: bool = False) -> UNet:
+    """The UNet of the ``ddpm`` params with ``mixer``; context blocks where ``ddpm.mixer_downsample``
+    puts them, or at every level."""
+    levels = tuple(2**i for i in range(len(p.channel_mult))) if every_level else tuple(p.mixer_downsample)
     cfg = UNetConfig.from_params(p, in_channels=channels, latent_size=size, num_classes=10, mixer=mixer,
-                                 mixer_downsample=tuple(2**i for i in range(levels)), dropout=0.0)
+                                 mixer_downsample=levels, dropout=0.0)
     return UNet(cfg).to(device)
 
 
-def step_fn(p, mixer: str, size: int, batch: int, device: torch.device, amp: torch.dtype | None):
+def step_fn(p, mixer: str, size: int, batch: int, device: torch.device, amp: torch.dtype | None,
+            every_level: bool = False):
     """(model, one full training step) for a UNet with ``mixer``."""
     torch.manual_seed(0)
-    model = build(p, mixer, size, 4, device)
+    model = build(p, mixer, size, 4, device, every_level)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     schedule = NoiseSchedule.from_kind(p.schedule, p.num_steps, p.beta_start, p.beta_end).to(device)
     z0 = torch.randn(batch, 4, size, size, device=device)
@@ -57,9 +61,10 @@ def step_fn(p, mixer: str, size: int, batch: int, device: torch.device, amp: tor
     return model, step
 
 
-def bench(p, size: int, batch: int, device: torch.device, amp: torch.dtype | None, repeats: int) -> list[dict]:
+def bench(p, size: int, batch: int, device: torch.device, amp: torch.dtype | None, repeats: int,
+          every_level: bool = False) -> list[dict]:
     """One row per mixer; the three steps are timed in turns, so that load falls on all alike."""
-    built = {mixer: step_fn(p, mixer, size, batch, device, amp) for mixer in MIXERS}
+    built = {mixer: step_fn(p, mixer, size, batch, device, amp, every_level) for mixer in MIXERS}
     timed = time_interleaved({mixer: step for mixer, (_, step) in built.items()}, repeats, device)
     rows = []
     for mixer, (model, step) in built.items():
@@ -69,6 +74,7 @@ def bench(p, size: int, batch: int, device: torch.device, amp: torch.dtype | Non
             "device": str(device), "step_ms_median": round(median, 1), "step_ms_min": round(fastest, 1),
             "latents_per_s": round(batch / (median / 1e3), 1), "peak_mib": round(peak_mib(step, device), 1),
             "parameters": sum(q.numel() for q in model.parameters()),
+            "context_levels": list(model.config.mixer_downsample),
         })
     ratio = rows[0]["step_ms_median"] / rows[1]["step_ms_median"]
     rows[0].update({"ratio_to_attention": round(ratio, 3), "target": TARGET, "pass": ratio <= TARGET})
@@ -83,18 +89,21 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--every-level", action="store_true", help="context blocks at every level, not ddpm.mixer_downsample's")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     p = load_params(args.params).ddpm
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"context blocks at downsample factors {list(build(p, 'none', 8, 4, device, args.every_level).config.mixer_downsample)}"
+          " and the middle")
     precisions = [None, torch.bfloat16] if device.type == "cuda" else [None]
     rows = []
     print(f"{'mixer':<11}{'latent':>7}{'prec':>9}{'ms (median)':>13}{'ms (min)':>10}"
           f"{'latents/s':>11}{'peak MiB':>10}{'params':>11}  serpentine / attention (target <= {TARGET}x)")
     for size in args.sizes:
         for amp in precisions:
-            for r in bench(p, size, args.batch, device, amp, args.repeats):
+            for r in bench(p, size, args.batch, device, amp, args.repeats, args.every_level):
                 rows.append(r)
                 verdict = (f"  {r['ratio_to_attention']:.2f}x {'PASS' if r['pass'] else 'FAIL'}"
                            if "ratio_to_attention" in r else "")
@@ -103,6 +112,7 @@ def main() -> None:
                       + verdict)
     write_json(args.out / "train_step.json", {
         "device": str(device), "threads": torch.get_num_threads(), "batch": args.batch, "rows": rows,
+        "every_level": args.every_level,
         "timing": "median and min of repeats of one full step (loss, backward, clip, AdamW), mixers timed in turns",
         "memory": "peak tensor bytes above the step's start (CUDA allocator / CPU profiler records)",
     })
