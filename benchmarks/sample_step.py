@@ -13,15 +13,12 @@ attention against its target (<= 1.0x) with PASS / FAIL. Writes ``<out>/sample_s
 
 from __future__ import annotations
 
-import argparse
 import functools
-from pathlib import Path
 
 import torch
 
 from benchmarks.measure import time_interleaved
-from benchmarks.train_step import MIXERS, build
-from diffmodels.core.config import load_params
+from benchmarks.train_step import MIXERS, build, unet_bench_args
 from diffmodels.core.io import write_json
 
 TARGET = 1.0  # serpentine / attention
@@ -33,19 +30,8 @@ def guided_call(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("reports/bench"))
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--batch", type=int, default=64, help="latents per sampling batch (the UNet sees twice as many)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--every-level", action="store_true", help="context blocks at every level, not ddpm.mixer_downsample's")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    p = load_params(args.params).ddpm
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args, p, device = unet_bench_args(__doc__.splitlines()[0], sizes=[8, 16], repeats=10,
+                                      batch_help="latents per sampling batch (the UNet sees twice as many)")
     print(f"device {device} ({torch.get_num_threads()} threads), guided batch 2 x {args.batch}, "
           f"median of {args.repeats} calls timed in turns")
     rows = []

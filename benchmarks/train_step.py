@@ -81,20 +81,25 @@ def bench(p, size: int, batch: int, device: torch.device, amp: torch.dtype | Non
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def unet_bench_args(description: str, *, batch_help: str, sizes: list[int], repeats: int):
+    """(args, ddpm params, device) of a per-mixer UNet benchmark (this one and sample_step)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--batch", type=int, default=64, help="latents per step (ddpm.batch_size is 64)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=64, help=batch_help)
+    parser.add_argument("--sizes", type=int, nargs="+", default=sizes)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--every-level", action="store_true", help="context blocks at every level, not ddpm.mixer_downsample's")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    p = load_params(args.params).ddpm
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return args, load_params(args.params).ddpm, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main() -> None:
+    args, p, device = unet_bench_args(__doc__.splitlines()[0], batch_help="latents per step (ddpm.batch_size is 64)",
+                                      sizes=[8, 32], repeats=7)
     print(f"context blocks at downsample factors {list(build(p, 'none', 8, 4, device, args.every_level).config.mixer_downsample)}"
           " and the middle")
     precisions = [None, torch.bfloat16] if device.type == "cuda" else [None]
