@@ -12,7 +12,8 @@ where "as real as real data" and "visibly blurred" lie at this n. The ``real`` r
 ratios use the reference's test images.
 
 Outputs: ``reports/eval_vae/metrics.json`` (``<row>/<key>`` for rows real, blur3, blur5, vae
-and keys rfid, rkid_mean, rkid_std, psnr, ssim, grad_ratio, hf_ratio, n; plus ``extractor``);
+and keys rfid, rkid_mean, rkid_std, their 95% intervals, psnr, ssim, grad_ratio, hf_ratio, n;
+plus ``extractor``);
 MLflow gets the metrics and the table ``reconstruction_rows.tsv``.
 """
 
@@ -68,7 +69,7 @@ def run(args) -> None:
         rows = reconstruction_rows(
             originals, recon.numpy(), real,
             lambda x: inception_features(x, extractor, p.fid_batch_size, device),
-            real_images=real_images, kid_subsets=p.kid_subsets, seed=params.seed)
+            real_images=real_images, kid_subsets=p.kid_subsets, seed=params.seed, fid_bootstrap=p.fid_bootstrap)
         metrics = {**flat_metrics(rows), "num_images": len(originals), "num_real": len(real),
                    "seconds": round(time.perf_counter() - started, 1)}
         write_json(args.reports / "metrics.json", metrics)

@@ -131,9 +131,13 @@ def test_flat_metrics_and_table(rows):
     assert flat["blur3/rfid"] == round(rows["blur3"]["rfid"], 5) and flat["real/psnr"] is None
     assert flat["extractor"].startswith("inception-v3") and flat["blur_padding"] == "reflect"
     lines = rows_table(rows).splitlines()
-    assert lines[0].split("\t")[:3] == ["row", "rfid", "rkid_mean"] and [line.split("\t")[0] for line in lines[1:]] == [
-        "real", "blur3", "blur5", "vae"]
-    assert lines[1].split("\t")[4] == ""  # real row: no PSNR
+    header = lines[0].split("\t")
+    assert header[:5] == ["row", "rfid", "rfid_low", "rfid_high", "rkid_mean"] and [
+        line.split("\t")[0] for line in lines[1:]] == ["real", "blur3", "blur5", "vae"]
+    assert lines[1].split("\t")[header.index("psnr")] == ""  # real row: no PSNR
+    for row in rows.values():  # the bootstrap intervals bracket their estimates
+        assert row["rfid_low"] <= row["rfid"] <= row["rfid_high"]
+        assert row["rkid_low"] <= row["rkid_mean"] <= row["rkid_high"]
 
 
 def test_mismatched_reconstructions_are_refused():

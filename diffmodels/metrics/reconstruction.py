@@ -15,6 +15,7 @@ distance between two real samples of these sizes: rFID / rKID of a row near ``re
 network cannot tell that set from real images. Per row:
 
     rfid, rkid_mean, rkid_std   :func:`diffmodels.metrics.fid.fid_kid` against the disjoint set
+    rfid_low / _high, rkid_...  seeded bootstrap 95% intervals over the row's images
     psnr, ssim                  against the originals, :class:`diffmodels.data.latent_cache.ReconMetrics`
                                 (torchmetrics, data range 1; PSNR of the whole-set MSE, SSIM
                                 averaged over images), the numbers train_vae reports; ``None`` for
@@ -55,12 +56,14 @@ from torch import Tensor
 from diffmodels.data.images import to_model_range
 from diffmodels.data.latent_cache import ReconMetrics
 from diffmodels.metrics.fid import EXTRACTOR, fid_kid
+from diffmodels.metrics.intervals import fid_interval, kid_interval
 
 BLUR_PADDING = "reflect"
 HF_RADIUS = 0.125  # cycles per pixel (Nyquist is 0.5): periods under 8 px
 BLUR_ROWS = {"blur3": 3, "blur5": 5}
 ROWS = ("real", "blur3", "blur5", "vae")
-ROW_KEYS = ("rfid", "rkid_mean", "rkid_std", "psnr", "ssim", "grad_ratio", "hf_ratio", "n")
+ROW_KEYS = ("rfid", "rfid_low", "rfid_high", "rkid_mean", "rkid_low", "rkid_high", "psnr", "ssim", "grad_ratio",
+            "hf_ratio", "n")
 
 
 def _uint8_nhwc(images: np.ndarray | Tensor, name: str = "images") -> Tensor:
@@ -139,9 +142,13 @@ def reconstruction_rows(
     kid_subsets: int = 100,
     seed: int = 0,
     radius: float = HF_RADIUS,
+    fid_bootstrap: int = 50,
 ) -> dict[str, dict]:
     """The rows ``real``, ``blur3``, ``blur5``, ``vae`` (module docstring) as
-    ``{row: {rfid, rkid_mean, rkid_std, psnr, ssim, grad_ratio, hf_ratio, n}}``.
+    ``{row: {rfid, rfid_low, rfid_high, rkid_mean, rkid_std, rkid_low, rkid_high, psnr, ssim,
+    grad_ratio, hf_ratio, n}}``; ``*_low`` / ``*_high``: seeded bootstrap 95% intervals over the
+    row's images (:mod:`diffmodels.metrics.intervals`, ``fid_bootstrap`` resamples; KID's
+    ``rkid_std`` is 0 when the KID subset is the whole set, the interval is not).
 
     ``originals`` and ``reconstructions``: (N, H, W, C) uint8, image i of one the reconstruction of
     image i of the other. ``real_features``: (M, 2048) Inception features of a real set disjoint
@@ -161,8 +168,13 @@ def reconstruction_rows(
             "vae": reconstructions}
     rows: dict[str, dict] = {}
     for name, images in sets.items():
-        scores = fid_kid(real_features, features(images.numpy()), kid_subsets=kid_subsets, seed=seed)
-        row = {"rfid": scores["fid"], "rkid_mean": scores["kid_mean"], "rkid_std": scores["kid_std"]}
+        feats = features(images.numpy())
+        scores = fid_kid(real_features, feats, kid_subsets=kid_subsets, seed=seed)
+        fid = fid_interval(real_features, feats, num_resamples=fid_bootstrap, seed=seed, fid=scores["fid"])
+        kid = kid_interval(real_features, feats, scores["kid_mean"], num_resamples=max(fid_bootstrap, 100), seed=seed)
+        row = {"rfid": scores["fid"], "rfid_low": fid["low"], "rfid_high": fid["high"],
+               "rkid_mean": scores["kid_mean"], "rkid_std": scores["kid_std"], "rkid_low": kid["low"],
+               "rkid_high": kid["high"]}
         if name == "real":
             row.update(psnr=None, ssim=None)
             row.update(sharpness_ratios(real_images, ref, radius) if real_images is not None
