@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from diffmodels.core.errors import DiffmodelsError
 from diffmodels.core.interrupt import signals_raise
 
@@ -25,7 +27,9 @@ def stage_main(fn: Callable[[argparse.Namespace], None], parser: argparse.Argume
         args = parser.parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # for a stage that re-launches itself
         try:
-            with signals_raise():
+            # a stage may switch autograd off for its whole run; the caller (a test, a notebook)
+            # gets its own grad mode back
+            with signals_raise(), torch.set_grad_enabled(torch.is_grad_enabled()):
                 fn(args)
         except DiffmodelsError as exc:
             print(f"error: {exc}", file=sys.stderr)

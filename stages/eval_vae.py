@@ -32,7 +32,7 @@ from diffmodels.core.config import load_params
 from diffmodels.core.device import select_device
 from diffmodels.core.errors import DataError
 from diffmodels.core.io import write_json
-from diffmodels.data.datasets import load_split
+from diffmodels.data.datasets import fid_split, load_split
 from diffmodels.data.images import to_uint8
 from diffmodels.data.latent_cache import decode_latents, encode_images
 from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, inception_features
@@ -58,7 +58,7 @@ def run(args) -> None:
     originals = np.array(load_split(args.prepared, "val").images[: p.vae_images])
     if len(originals) < 2:
         raise DataError(f"{args.prepared}: {len(originals)} validation images; rFID needs at least 2")
-    real_images = np.array(load_split(args.prepared, "test").images[: len(real)])
+    real_images = np.array(load_split(args.prepared, fid_split(args.prepared)).images[: len(real)])  # the reference's
     vae, _ = load_vae(args.vae, device)
     torch.set_grad_enabled(False)
 

@@ -19,7 +19,7 @@ from diffmodels.core import tracking
 from diffmodels.core.checkpoint import save_checkpoint
 from diffmodels.core.config import load_params
 from diffmodels.core.device import select_device
-from diffmodels.data.datasets import FID_SPLIT, load_split
+from diffmodels.data.datasets import fid_split, load_split
 from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, inception_features
 from stages._cli import base_parser, stage_main
 
@@ -32,7 +32,7 @@ def run(args) -> None:
     params = load_params(args.params)
     p = params.eval
     started = time.perf_counter()
-    split = FID_SPLIT if (args.prepared / f"{FID_SPLIT}_images.npy").is_file() else "test"
+    split = fid_split(args.prepared)
     test = load_split(args.prepared, split)
     images = np.asarray(test.images[: p.fid_real_images])  # [:None] = all
     device = select_device("auto")

@@ -121,3 +121,13 @@ def sd_ref():
     sd_reference = pytest.importorskip("sd_reference")
     with single_thread():
         yield sd_reference.build_reference()
+
+
+@pytest.fixture(autouse=True)
+def _autograd_stays_on():
+    """Fail the test that leaves autograd switched off (a stage run in-process that disables it
+    for itself must hand it back), instead of every later test that needs gradients."""
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left autograd switched off (torch.set_grad_enabled(False) not undone)"

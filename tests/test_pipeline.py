@@ -120,11 +120,11 @@ def test_repro_then_nothing_reruns(project):
 
 
 def experiment(root, name: str) -> tuple[dict, dict]:
-    """(params.yaml values, merged metrics) of experiment ``name`` from `dvc exp show --json`."""
+    """(params.yaml values, metrics by file) of experiment ``name`` from `dvc exp show --json`."""
     rows = [e for base in json.loads(dvc(root, "exp", "show", "--json").stdout) for e in base.get("experiments") or []]
     (exp,) = [e for e in rows if e.get("name") == name]
     data = exp["revs"][0]["data"]
-    return data["params"]["params.yaml"]["data"], {k: v for m in data["metrics"].values() for k, v in m["data"].items()}
+    return data["params"]["params.yaml"]["data"], {path: m["data"] for path, m in data["metrics"].items()}
 
 
 @pytest.mark.parametrize(("override", "reruns"), [
@@ -140,7 +140,9 @@ def test_experiment_reruns_only_downstream_and_shows_in_exp_show(project, overri
     key, value = override.split("=")
     group, leaf = key.split(".")
     assert str(params[group][leaf]) == value
-    assert metrics["steps"] == 3 and metrics["scores"]["ddim"]["fid"] > 0 and metrics["fid_extractor"].startswith("inception-v3")
+    sample = metrics["reports/sample/metrics.json"]
+    assert metrics["reports/train_ddpm/metrics.json"]["steps"] == 3
+    assert sample["scores"]["ddim"]["fid"] > 0 and sample["fid_extractor"].startswith("inception-v3")
     tags = {r.data.tags.get("dvc_exp_name") for r in runs(project)}
     assert name in tags
 
@@ -152,8 +154,9 @@ def test_vae_ablation_runs_only_the_vae_and_its_leakage(project):
     assert ran(out.stdout) == {"train_vae", "cache_latents", "eval_leakage"}, out.stdout
     params, metrics = experiment(project, "k7")
     assert params["vae"]["decoder_kernel"] == 7
-    assert metrics["decoder_halo_px"] > baseline["decoder_halo_px"]
-    assert 0 <= metrics["offset/leak_radius_px"] <= 32 and metrics["offset/leak_mean"] >= 0
+    leakage = metrics["reports/eval_leakage/metrics.json"]
+    assert leakage["decoder_halo_px"] > baseline["decoder_halo_px"]
+    assert 0 <= leakage["offset/leak_radius_px"] <= 32 and leakage["offset/leak_mean"] >= 0
 
 
 def test_typo_in_set_param_fails(project):
@@ -186,7 +189,7 @@ def test_queued_experiment_records_into_the_main_store(project):
     assert run.data.params["ddpm.mixer"] == "none" and run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
     params, metrics = experiment(project, "res32")
-    assert params["data"]["resolution"] == 32 and metrics["scores"]["ddim"]["fid"] > 0
+    assert params["data"]["resolution"] == 32 and metrics["reports/sample/metrics.json"]["scores"]["ddim"]["fid"] > 0
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside the temporary copy"
 
 

@@ -391,6 +391,12 @@ def write_prepared(out_dir: Path, splits: dict[str, Split], class_names: list[st
     return manifest
 
 
+def fid_split(prepared_dir: str | Path) -> str:
+    """The split the FID reference is drawn from: ``fid_test`` (the whole test pool, whatever
+    ``data.max_test``), or ``test`` in a folder prepared before that split existed."""
+    return FID_SPLIT if (Path(prepared_dir) / f"{FID_SPLIT}_images.npy").is_file() else "test"
+
+
 def load_split(prepared_dir: str | Path, split: str, mmap: bool = True) -> Split:
     """Read one split of a prepared dataset (memory-mapped by default)."""
     prepared_dir = Path(prepared_dir)
