@@ -541,10 +541,11 @@ def fid_result(fid, low, high, floor, n_fake, sets=True):
     return {**out, **({"precision": 0.7, "recall": 0.6, "density": 0.9, "coverage": 0.8} if sets else {})}
 
 
-NEW_METRICS = {
-    "sample": {"num_images": 500, "ddpm": fid_result(40.0, 38.0, 42.5, 2.5, 500),
-               "ddim": fid_result(45.0, 43.0, 47.0, 2.5, 500), "seconds_per_image_ddim": 0.1},
-    "eval_inpaint": {"fid": {"repaint": fid_result(12.0, 11.0, 13.5, 1.5, 64, sets=False)},
+NEW_METRICS = {  # the stages' layout: result dicts under scores/<sampler or method>
+    "sample": {"num_images": 500, "scores": {"ddpm": fid_result(40.0, 38.0, 42.5, 2.5, 500),
+                                             "ddim": fid_result(45.0, 43.0, 47.0, 2.5, 500)},
+               "seconds_per_image_ddim": 0.1},
+    "eval_inpaint": {"scores": {"repaint": fid_result(12.0, 11.0, 13.5, 1.5, 64, sets=False)},
                      "clamp": {"centre": {"psnr": 30.0}}},
 }
 OLD_METRICS = {"sample": {"fid_ddpm": 100.0, "kid_ddpm": 0.1, "kid_std_ddpm": 0.01, "fid_extractor": "x"},

@@ -461,7 +461,7 @@ def without_results(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _result_name(path: Sequence[str]) -> str:
-    parts = [p.removeprefix("fid_") for p in path if p not in ("fid", "fid_kid", "results")]
+    parts = [p.removeprefix("fid_") for p in path if p not in ("fid", "fid_kid", "results", "scores")]
     return "/".join(parts) or "fid"
 
 
