@@ -29,12 +29,16 @@ MIXERS = ("serpentine", "attention", "none")
 TARGET = 1.0  # step time, serpentine / attention
 
 
+def context_levels(p, every_level: bool = False) -> tuple[int, ...]:
+    """Downsample factors of the levels with context blocks: ``ddpm.mixer_downsample``, or all."""
+    return tuple(2**i for i in range(len(p.channel_mult))) if every_level else tuple(p.mixer_downsample)
+
+
 def build(p, mixer: str, size: int, channels: int, device: torch.device, every_level: bool = False) -> UNet:
     """The UNet of the ``ddpm`` params with ``mixer``; context blocks where ``ddpm.mixer_downsample``
     puts them, or at every level."""
-    levels = tuple(2**i for i in range(len(p.channel_mult))) if every_level else tuple(p.mixer_downsample)
     cfg = UNetConfig.from_params(p, in_channels=channels, latent_size=size, num_classes=10, mixer=mixer,
-                                 mixer_downsample=levels, dropout=0.0)
+                                 mixer_downsample=context_levels(p, every_level), dropout=0.0)
     return UNet(cfg).to(device)
 
 
@@ -100,8 +104,7 @@ def unet_bench_args(description: str, *, batch_help: str, sizes: list[int], repe
 def main() -> None:
     args, p, device = unet_bench_args(__doc__.splitlines()[0], batch_help="latents per step (ddpm.batch_size is 64)",
                                       sizes=[8, 32], repeats=7)
-    print(f"context blocks at downsample factors {list(build(p, 'none', 8, 4, device, args.every_level).config.mixer_downsample)}"
-          " and the middle")
+    print(f"context blocks at downsample factors {list(context_levels(p, args.every_level))} and the middle")
     precisions = [None, torch.bfloat16] if device.type == "cuda" else [None]
     rows = []
     print(f"{'mixer':<11}{'latent':>7}{'prec':>9}{'ms (median)':>13}{'ms (min)':>10}"

@@ -19,9 +19,7 @@ MLflow gets the metrics and the table ``reconstruction_rows.tsv``.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,10 +75,7 @@ def run(args) -> None:
         tracking.set_tags({"fid_extractor": EXTRACTOR})
         tracking.log_artifact(args.reports / "metrics.json")
         table = rows_table(rows)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "reconstruction_rows.tsv"
-            path.write_text(table)
-            tracking.log_artifact(path)
+        tracking.log_text(table, "reconstruction_rows.tsv")
 
     print(table, end="")
     print(f"eval_vae: {len(originals)} val images vs {len(real)} test images; rFID vae {rows['vae']['rfid']:.2f} "

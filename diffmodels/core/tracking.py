@@ -367,6 +367,13 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     retry_when_locked(mlflow.log_artifact)(str(path), artifact_path=artifact_path)
 
 
+def log_text(text: str, artifact_file: str) -> None:
+    """``mlflow.log_text``: ``text`` as the artifact ``artifact_file``, retried while the store is locked."""
+    import mlflow
+
+    retry_when_locked(mlflow.log_text)(text, artifact_file)
+
+
 def start_run(**kwargs: Any) -> Any:
     """``mlflow.start_run(**kwargs)``, retried while the store is locked; returns the ActiveRun.
 
