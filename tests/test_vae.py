@@ -57,6 +57,18 @@ def test_halo_values_follow_the_documented_formula():
     assert decoder_halo(tiny(upsample="pixel_shuffle")) == 29
     assert decoder_halo(tiny(blocks_per_level=2)) == 22 + 2 * (4 + 2 + 1)
     assert Decoder(tiny(decoder_kernel=7)).halo == 66
+    assert decoder_halo(tiny(decoder_kernel_scales=(2, 1))) == 3 * 2 + 3 * 1 + 1
+    assert decoder_halo(tiny(decoder_kernel_scales=(1,))) == 4
+    assert decoder_halo(tiny(decoder_kernel_scales=(4, 2))) == 3 * 4 + 3 * 2
+    assert decoder_halo(tiny(decoder_kernel=5, decoder_kernel_scales=(), upsample="pixel_shuffle")) == 0
+    assert decoder_halo(tiny(upsample="pixel_shuffle", decoder_kernel_scales=(2, 1))) == 4 + 2 + 2 * (2 + 1) + 1
+
+
+@pytest.mark.parametrize("scales", [(4, 4), (3,), (8, 2)])
+def test_bad_decoder_kernel_scales_are_a_one_line_error(scales):
+    with pytest.raises(ValueError, match="decoder_kernel_scales") as info:
+        tiny(decoder_kernel_scales=scales)
+    assert "\n" not in str(info.value)
 
 
 def changed_extent(diff: torch.Tensor) -> tuple[int, int, int, int]:
@@ -65,10 +77,12 @@ def changed_extent(diff: torch.Tensor) -> tuple[int, int, int, int]:
     return int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
 
 
-@pytest.mark.parametrize("kernel,upsample", [(3, "nearest"), (7, "nearest"), (3, "pixel_shuffle")])
-def test_decoder_changes_stay_inside_tile_plus_halo_and_reach_it(kernel, upsample):
+@pytest.mark.parametrize("kernel,upsample,scales", [(3, "nearest", (4, 2, 1)), (7, "nearest", (4, 2, 1)),
+                                                    (3, "pixel_shuffle", (4, 2, 1)), (3, "nearest", (2, 1)),
+                                                    (5, "nearest", (1,)), (3, "pixel_shuffle", (4, 1))])
+def test_decoder_changes_stay_inside_tile_plus_halo_and_reach_it(kernel, upsample, scales):
     torch.manual_seed(0)
-    cfg = tiny(decoder_kernel=kernel, upsample=upsample)
+    cfg = tiny(decoder_kernel=kernel, upsample=upsample, decoder_kernel_scales=scales)
     decoder = Decoder(cfg).double().eval()
     halo = decoder.halo
     i = math.ceil(halo / GRID) + 1  # the tile, with its halo clear of the image border

@@ -36,7 +36,8 @@ TINY_VAE = {
     "arch": "localized", "norm_groups": 2, "freq_weight": 0.0, "disc_weight": 0.0, "disc_start": 0,
     "disc_channels": 4, "disc_layers": 2, "disc_lr": 1.0e-3,
     "base_channels": 4, "channel_mult": [1, 1, 2, 2], "blocks_per_level": 1, "se": True, "se_reduction": 2,
-    "decoder_kernel": 3, "upsample": "nearest", "loss": "l1", "beta_kl": 1.0e-4, "lr": 3.0e-3,
+    "decoder_kernel": 3, "decoder_kernel_scales": [4, 2, 1], "upsample": "nearest", "loss": "l1", "beta_kl": 1.0e-4,
+    "lr": 3.0e-3,
     "weight_decay": 0.0, "warmup_steps": 2, "steps": 12, "batch_size": 8, "grad_clip": 1.0, "amp": "off",
     "device": "cpu", "checkpoint_every": 4, "log_every": 1, "val_every": 6, "num_val_images": 8, "grid_images": 4,
 }

@@ -181,6 +181,7 @@ class VaeParams(_Group):
     se: bool
     se_reduction: Annotated[int, Field(ge=1, le=64)]
     decoder_kernel: Annotated[Literal[3, 5, 7], IntChoice]
+    decoder_kernel_scales: ListOf[Annotated[Literal[1, 2, 4], IntChoice]]  # scales with k x k convs
     upsample: Literal["nearest", "pixel_shuffle"]
     norm_groups: Count  # GroupNorm groups, arch=conventional
     # Objective
@@ -215,6 +216,8 @@ class VaeParams(_Group):
             errors.append(
                 f"vae.channel_mult needs 4 entries, one per pixel scale 1, 2, 4, 8 (got {len(self.channel_mult)})"
             )
+        if len(set(self.decoder_kernel_scales)) != len(self.decoder_kernel_scales):
+            errors.append(f"vae.decoder_kernel_scales lists a scale twice (got {self.decoder_kernel_scales})")
         if self.warmup_steps >= self.steps:
             errors.append(f"vae.warmup_steps must be < vae.steps (got {self.warmup_steps} >= {self.steps})")
         if self.disc_weight > 0 and self.disc_start >= self.steps:

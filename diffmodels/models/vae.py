@@ -23,8 +23,11 @@ Decoder
     upsample 2x then ``blocks_per_level`` residual blocks with k x k convolutions
     (k = ``decoder_kernel``, 3 by default) -> norm, SiLU, conv_out k x k. Upsampling is
     ``nearest`` (repeat, then a k x k conv at the new scale) or ``pixel_shuffle`` (a k x k conv
-    to 4x channels at the old scale, then PixelShuffle). No attention and only
-    :class:`ChannelNorm` (per-pixel LayerNorm over channels): nothing mixes positions globally.
+    to 4x channels at the old scale, then PixelShuffle). ``decoder_kernel_scales`` lists the
+    pixel scales (4, 2, 1) whose convs are k x k (default all three); at a scale left out, the
+    upsample into it, its blocks (and at scale 1 conv_out) use 1x1 convs: a smaller halo for
+    less spatial smoothing. No attention and only :class:`ChannelNorm` (per-pixel LayerNorm
+    over channels): nothing mixes positions globally.
 
 Halo (:attr:`Decoder.halo`, :func:`decoder_halo`)
     A k x k convolution (r = k // 2) applied where one position spans s pixels widens the set of
@@ -41,8 +44,10 @@ Halo (:attr:`Decoder.halo`, :func:`decoder_halo`)
     pixel_shuffle  up at 8, 4, 2; 2 convs at 4, 2, 1; conv_out 1   r*(8+4+2+2*(4+2+1)+1) = 29
     =============  ==============================================  ===========
 
-    k = 7 (r = 3) triples it. Tests check both that nothing leaks past the halo and that the
-    outermost halo ring is reached (the bound is tight).
+    k = 7 (r = 3) triples it. A scale left out of ``decoder_kernel_scales`` drops its terms:
+    nearest with scales (2, 1) gives r*(3*2+3*1+1) = 10, with (1,) r*(3+1) = 4. Tests check both
+    that nothing leaks past the halo and that the outermost halo ring is reached (the bound is
+    tight).
 
 Loss (:func:`vae_loss`)
     reconstruction (L1 or MSE, mean over pixels) + beta * KL, where KL is the closed form of
@@ -74,6 +79,7 @@ GRID = 8  # pixels per latent tile side: three 2x downsamples
 LEVELS = 4  # pixel scales 1, 2, 4, 8
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp as SD's DiagonalGaussianDistribution does
 ARCHS = ("localized", "conventional")
+DECODER_SCALES = (4, 2, 1)  # pixel scales of the decoder's levels after each upsample
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class VAEConfig:
     # Defaults so weights files written before these fields existed still load (as localized).
     arch: Literal["localized", "conventional"] = "localized"
     norm_groups: int = 8  # GroupNorm groups of the conventional arch (must divide every width)
+    decoder_kernel_scales: tuple[int, ...] = DECODER_SCALES  # scales with k x k decoder convs
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -104,6 +111,9 @@ class VAEConfig:
             raise ValueError(f"decoder_kernel must be odd, got {self.decoder_kernel}")
         if self.upsample not in ("nearest", "pixel_shuffle"):
             raise ValueError(f"upsample must be 'nearest' or 'pixel_shuffle', got {self.upsample!r}")
+        scales = self.decoder_kernel_scales
+        if not set(scales) <= set(DECODER_SCALES) or len(set(scales)) != len(scales):
+            raise ValueError(f"decoder_kernel_scales must be distinct values of {DECODER_SCALES}, got {scales}")
 
     @property
     def widths(self) -> list[int]:
@@ -119,10 +129,10 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
-        return cls(**{**d, "channel_mult": tuple(d["channel_mult"])})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "channel_mult": list(self.channel_mult)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,8 +263,11 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        k, widths = cfg.decoder_kernel, cfg.widths
+        widths = cfg.widths
         reach = 0  # sum of pixel scales of the k x k convs, see the module docstring
+
+        def kernel(scale: int) -> int:  # the conv size at a pixel scale
+            return cfg.decoder_kernel if scale in cfg.decoder_kernel_scales else 1
 
         c = widths[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, c, 1)
@@ -262,18 +275,20 @@ class Decoder(nn.Module):
         self.ups = nn.ModuleList()
         self.blocks = nn.ModuleList()
         for level in reversed(range(LEVELS - 1)):  # pixel scales 4, 2, 1 after upsampling
+            scale, k = 2**level, kernel(2**level)
+            spatial = k > 1  # a 1x1 conv adds no reach
             self.ups.append(Upsample(c, k, cfg.upsample))
-            reach += 2 ** (level + 1) if cfg.upsample == "pixel_shuffle" else 2**level
+            reach += spatial * (2 * scale if cfg.upsample == "pixel_shuffle" else scale)
             blocks = []
             for _ in range(cfg.blocks_per_level):
                 blocks.append(ResBlock(c, widths[level], k))
-                reach += 2 * 2**level
+                reach += spatial * 2 * scale
                 c = widths[level]
             self.blocks.append(nn.Sequential(*blocks))
         self.norm_out = ChannelNorm(c)
-        self.conv_out = nn.Conv2d(c, cfg.in_channels, k, padding=k // 2)
-        reach += 1
-        self.halo = (k // 2) * reach
+        self.conv_out = nn.Conv2d(c, cfg.in_channels, kernel(1), padding=kernel(1) // 2)
+        reach += kernel(1) > 1
+        self.halo = (cfg.decoder_kernel // 2) * reach
         """Pixels beyond a latent's 8x8 tile that a change of that latent can reach (tight)."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
