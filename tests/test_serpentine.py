@@ -197,3 +197,13 @@ def test_path_and_reverse_see_the_whole_grid():
     h, w = 5, 6
     for position in (0, 14, 29):  # start of the path, the middle, the end
         assert _reach(_block(directions=2), h, w, position).all()
+
+
+@pytest.mark.parametrize("directions", [1, 2, 4])
+def test_float64_block_is_float64_throughout(directions):
+    """A float64 block equals the float64 reference to float64 rounding: no parameter (A, dt, D)
+    passes through float32 on the way, which the float32 test above could not see."""
+    block = _perturbed(_block(directions=directions)).double()
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    branch, ref_branch = block(x) - x, serpentine_reference(block, x) - x
+    assert ((branch - ref_branch).norm() / ref_branch.norm()).item() < 1e-12

@@ -323,7 +323,7 @@ class SelectiveSSM(nn.Module):
         b, d_inner, l = x.shape
         dt, B, C = torch.matmul(self.x_proj.weight, x).split([self.nheads, self.d_state, self.d_state], dim=1)
         dt = F.softplus(dt.to(_scan_dtype(x.dtype)) + self.dt_bias[:, None])  # (b, h, l), never in bf16
-        A = -torch.exp(self.A_log.float())  # (h,) strictly negative
+        A = -torch.exp(self.A_log.to(dt.dtype))  # (h,) strictly negative, float32 (float64 for float64 input)
         xh = x.view(b, self.nheads, self.headdim, l)  # (b, h, p, l)
         y, _ = ssd_scan(xh, dt, A, B, C, chunk_size=self.chunk_size, bidirectional=bidirectional, input_scale=scale)
         y = y + (skip * self.D)[:, None, None] * xh.to(y.dtype)
