@@ -7,6 +7,8 @@ recompute the real statistics. The reference is the prepare stage's ``fid_test``
 whole test pool (the official 10,000 Fashion-MNIST test images) in a seeded order, regardless of
 ``data.max_test``; its first ``eval.fid_real_images`` images are used (all of them when null).
 A prepared folder written before that split existed falls back to the ``test`` split.
+Labelled data also stores the images' class labels (``labels``), for the per-class precision /
+recall of ``sample``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from diffmodels.core import tracking
 from diffmodels.core.checkpoint import save_checkpoint
@@ -38,8 +41,12 @@ def run(args) -> None:
     device = select_device("auto")
     with tracking.stage_run("fid_reference", params, GROUPS):
         feats = inception_features(images, InceptionFeatures(), p.fid_batch_size, device)
-        save_checkpoint(args.out, {"features": feats}, {"kind": "fid_features", "extractor": EXTRACTOR,
-                                                        "split": split, "num_images": len(images)})
+        tensors = {"features": feats}
+        labels = np.asarray(test.labels[: len(images)])
+        if len(labels) and (labels >= 0).all():  # labelled data: per-class precision / recall in `sample`
+            tensors["labels"] = torch.from_numpy(labels.astype(np.int64))
+        save_checkpoint(args.out, tensors, {"kind": "fid_features", "extractor": EXTRACTOR,
+                                            "split": split, "num_images": len(images)})
         tracking.log_metrics({"num_images": len(images), "seconds": time.perf_counter() - started})
         tracking.set_tags({"extractor": EXTRACTOR})
     print(f"fid_reference: {len(images)} test images -> {tuple(feats.shape)} features ({time.perf_counter() - started:.0f}s)")

@@ -19,6 +19,11 @@ Figures (``reports/sample/figures/``,
     why_iterate.png                       at three t: the noisy latent decoded, a blur of it, the
                                           one-step x0 estimate, and iterative DDIM from t
     anagram.png                           a visual anagram: one class upright, another upside down
+
+Class-conditional models also get ``per_class`` in ``metrics.json``: ``sample.per_class_images``
+DDIM samples of each class, guided at ``sample.per_class_guidance``, scored with precision /
+recall / density / coverage against the reference images of that class (``fid_reference``'s
+labels), and the mean over classes; pooled metrics cannot tell a model that mixes classes up.
 """
 
 from __future__ import annotations
@@ -35,17 +40,19 @@ from diffmodels.core import tracking
 from diffmodels.core.checkpoint import load_checkpoint
 from diffmodels.core.config import Params, SampleParams, load_params
 from diffmodels.core.device import select_device
-from diffmodels.core.errors import DiffmodelsError
+from diffmodels.core.errors import DataError, DiffmodelsError
 from diffmodels.core.io import write_json
 from diffmodels.data import latent_cache
 from diffmodels.data.images import make_grid, save_png, to_uint8
 from diffmodels.diffusion.denoiser import load_denoiser
-from diffmodels.diffusion.sampling import sample_batches, seeded_noise
+from diffmodels.diffusion.sampling import class_batches, sample_batches, seeded_noise
 from diffmodels.metrics.fid import EXTRACTOR, InceptionFeatures, inception_features
 from diffmodels.metrics.intervals import fid_floor
-from diffmodels.metrics.scores import format_scores, rounded, score_features
+from diffmodels.metrics.manifold import per_class_metrics
+from diffmodels.metrics.scores import K_DC, K_PR, format_scores, rounded, score_features
 from diffmodels.models.vae import load_vae
 from diffmodels.reporting import sampling_figures as figs
+from diffmodels.training.state import derived_seed
 from stages._cli import base_parser, stage_main
 
 GROUPS = ("seed", "sample", "eval")
@@ -102,7 +109,8 @@ def run(args) -> None:
     class_names, null = meta.get("class_names", []), model.null_label
     shape = (model.config.in_channels, model.config.latent_size, model.config.latent_size)
     check(p, schedule.num_steps, class_names)
-    real = load_checkpoint(args.fid_reference).tensors["features"]
+    reference = load_checkpoint(args.fid_reference).tensors
+    real, labels = reference["features"], reference.get("labels")
     test = latent_cache.load_split(args.latents, "test")["mean"][:4].to(device) * scale
     out = args.reports / "figures"
     torch.set_grad_enabled(False)
@@ -143,6 +151,14 @@ def run(args) -> None:
             figures.append(figs.anagram(out / "anagram.png", model, null, p.anagram_classes, class_names,
                                         p.anagram_guidance, x, schedule, **kw))
 
+        # 6. class-conditional: precision / recall per class against that class's reference images
+        if class_names and p.per_class_images:
+            if labels is None:
+                raise DataError(f"{args.fid_reference}: no class labels for per-class precision / recall; "
+                                "run `dvc repro fid_reference` (or set sample.per_class_images: 0)")
+            metrics["per_class"] = per_class_scores(model, null, class_names, labels, real, extractor, params,
+                                                    schedule, shape, prediction, decode, device)
+
         write_json(args.reports / "metrics.json", metrics)
         tracking.log_metrics(metrics)
         tracking.set_tags({"fid_extractor": EXTRACTOR})
@@ -158,6 +174,45 @@ def run(args) -> None:
             print(f"sample: {name}: {note}")
     print(f"sample: {metrics['seconds_per_image_ddpm']:.2f} / {metrics['seconds_per_image_ddim']:.3f} s per image "
           "(DDPM / DDIM)")
+    if "per_class" in metrics:
+        print(per_class_table(metrics["per_class"]), end="")
+
+
+PER_CLASS_KEYS = ("precision", "recall", "density", "coverage")
+
+
+def per_class_scores(model, null: int, class_names: list[str], labels: torch.Tensor, real: torch.Tensor,
+                     extractor: InceptionFeatures, params: Params, schedule, shape, prediction, decode,
+                     device: torch.device) -> dict:
+    """``sample.per_class_images`` guided DDIM samples of every class, scored per class by
+    :func:`~diffmodels.metrics.manifold.per_class_metrics`; plus their mean over the classes."""
+    p = params.sample
+    feats = {}
+    for c in range(len(class_names)):
+        batches = class_batches(model, null, c, p.per_class_guidance, schedule, shape, num_images=p.per_class_images,
+                                batch_size=p.batch_size, seed=derived_seed(params.seed, "per-class samples", c),
+                                device=device, prediction=prediction, ddim_steps=p.ddim_steps, ddim_eta=p.ddim_eta)
+        images = np.concatenate([decode(z) for z in batches])
+        feats[c] = inception_features(images, extractor, params.eval.fid_batch_size, device)
+    scores = per_class_metrics(real, labels, feats, K_PR, K_DC)  # None for classes with too few images
+    classes = {class_names[c]: rounded({k: v for k, v in s.items() if k not in ("k_pr", "k_dc")})
+               for c, s in scores.items()}
+    scored = [s for s in classes.values() if s["precision"] is not None]
+    mean = {k: round(float(np.mean([s[k] for s in scored])), 5) if scored else None for k in PER_CLASS_KEYS}
+    return {"sampler": f"ddim-{p.ddim_steps}", "guidance": p.per_class_guidance, "images_per_class": p.per_class_images,
+            "k_pr": K_PR, "k_dc": K_DC, "classes": classes, "mean": mean}
+
+
+
+def per_class_table(pc: dict) -> str:
+    """The per-class scores as printed lines: a header, one line per class, the mean."""
+    head = (f"sample: per class ({pc['sampler']}, guidance {pc['guidance']:g}, n = {pc['images_per_class']} "
+            f"per class against that class's reference images)\n")
+    rows = [f"  {'class':<12}" + "".join(f"{k:>10}" for k in PER_CLASS_KEYS) + f"{'n real':>8}\n"]
+    for name, s in [*pc["classes"].items(), ("mean", pc["mean"])]:
+        cells = "".join(f"{s[k]:>10.3f}" if s[k] is not None else f"{'-':>10}" for k in PER_CLASS_KEYS)
+        rows.append(f"  {name:<12}{cells}{s.get('num_real', ''):>8}\n")
+    return head + "".join(rows)
 
 
 main = stage_main(run, parser)

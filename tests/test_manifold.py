@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmodels.metrics.manifold import knn_radii, manifold_metrics
+from diffmodels.metrics.manifold import knn_radii, manifold_metrics, per_class_metrics
 
 
 def brute_force(real: np.ndarray, fake: np.ndarray, k_pr: int, k_dc: int) -> dict:
@@ -101,3 +101,33 @@ def test_bad_shapes_and_too_few_points():
         manifold_metrics(torch.zeros(10, 3), torch.zeros(10, 4))
     with pytest.raises(ValueError, match="need more than 5 points"):
         manifold_metrics(torch.randn(5, 3), torch.randn(10, 3))
+
+
+def test_per_class_metrics_see_a_class_collapse_that_pooled_metrics_miss():
+    # Real data: class c is mode c of the mixture (8 classes). The "model" draws class 0's samples
+    # from modes 0 and 1 and class 1's from mode 1 only; the other classes are drawn faithfully.
+    rng = np.random.default_rng(5)
+    labels = torch.arange(8).repeat_interleave(200)
+    real = torch.cat([mixture(200, [c], rng) for c in range(8)])
+    fakes = {c: mixture(200, [c], rng) for c in range(2, 8)}
+    fakes[0] = mixture(200, [0, 1], rng)
+    fakes[1] = mixture(200, [1], rng)
+    pooled = manifold_metrics(real, torch.cat(list(fakes.values())))
+    assert pooled["precision"] > 0.93  # every sample lies on some real mode
+    out = per_class_metrics(real, labels, fakes)
+    assert set(out) == set(range(8)) and out[3]["num_real"] == 200 and out[3]["num_fake"] == 200
+    assert abs(out[0]["precision"] - 0.5) < 0.1  # half of class 0's samples look like class 1
+    assert out[0]["recall"] > 0.9 and out[1]["precision"] > 0.9 and out[1]["recall"] > 0.9
+    for c in range(2, 8):
+        assert out[c]["precision"] > 0.9 and out[c]["recall"] > 0.9
+    assert out[5] == manifold_metrics(real[labels == 5], fakes[5])  # the same numbers as one class alone
+
+
+def test_per_class_metrics_of_too_small_classes_are_none_and_bad_labels_raise():
+    real, fake = torch.randn(20, 3), torch.randn(20, 3)
+    out = per_class_metrics(real, torch.tensor([0] * 15 + [1] * 5), {0: fake, 1: fake})
+    assert out[0]["precision"] is not None
+    assert out[1] == {"precision": None, "recall": None, "density": None, "coverage": None, "k_pr": 3, "k_dc": 5,
+                      "num_real": 5, "num_fake": 20}
+    with pytest.raises(ValueError, match=r"real_labels must be \(20,\)"):
+        per_class_metrics(real, torch.zeros(19, dtype=torch.long), {0: fake})

@@ -66,7 +66,8 @@ TINY = {
              "checkpoint_every": 2, "log_every": 1, "sample_every": 2, "sample_steps": 2, "sample_images": 2},
     "sample": {**SHIPPED["sample"],
                "ddpm_images": 4, "ddim_images": 5, "batch_size": 4, "ddim_steps": 4, "strip_points": 3,
-               "why_iterate_steps": [5, 15], "guidance_scales": [0.0, 2.0], "anagram_classes": [0, 1]},
+               "why_iterate_steps": [5, 15], "guidance_scales": [0.0, 2.0], "anagram_classes": [0, 1],
+               "per_class_images": 6},
     "inpaint": {**SHIPPED["inpaint"],
                 "num_images": 2, "ddim_steps": 3, "repaint_jump": 1, "repaint_resample": 2, "sdedit_t0": 10,
                 "panel_images": 2, "methods": ["clamp_mean", "repaint", "sdedit"]},
@@ -105,6 +106,10 @@ def test_repro_then_nothing_reruns(project):
     assert set(metrics["separated"]) == set(metrics["intervals"]) and all("repaint" in v for v in metrics["intervals"].values())
     assert 0 <= metrics["clamp_mean/centre_aligned/ssim_image"] <= 1
     assert (project / "reports/eval_inpaint/panels/sdedit.png").exists()
+    per_class = json.loads((project / "reports/sample/metrics.json").read_text())["per_class"]
+    assert set(per_class["classes"]) == {"a", "b"} and per_class["images_per_class"] == 6
+    # 6 reference images over two classes: too few for k-NN radii, so the scores say None, not a number
+    assert all(c["num_fake"] == 6 and c["num_real"] <= 5 and c["recall"] is None for c in per_class["classes"].values())
     everything = json.loads((project / "reports/metrics.json").read_text())
     assert everything["stages"]["eval_inpaint"] == metrics and everything["params"]["data"]["resolution"] == 16
     assert all(everything["mlflow_runs"][s]["matched_metrics"] for s in ("prepare", "sample", "eval_inpaint"))

@@ -304,9 +304,14 @@ class SampleParams(_Group):
     why_iterate_steps: ListOf[Count]  # noise levels t of the "why iterate" figure
     anagram_classes: ListOf[Annotated[int, Field(ge=0)]]  # (upright class, flipped class)
     anagram_guidance: NonNegative
+    per_class_images: Annotated[int, Field(ge=0, le=100000)]  # guided DDIM samples per class for P/R; 0 = off
+    per_class_guidance: NonNegative
 
     def rules(self) -> list[str]:
         errors = []
+        if 0 < self.per_class_images <= 5:
+            errors.append(f"sample.per_class_images must be 0 (off) or more than 5, the k-NN size of density / "
+                          f"coverage (got {self.per_class_images})")
         if len(self.anagram_classes) != 2:
             errors.append(f"sample.anagram_classes needs exactly 2 class indices (got {len(self.anagram_classes)})")
         if not self.guidance_scales:

@@ -8,7 +8,7 @@ draws (DDPM's ancestral noise, DDIM with eta > 0) come from a generator seeded `
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -20,6 +20,7 @@ from diffmodels.diffusion.samplers import DenoiseFn, Step
 from diffmodels.diffusion.schedule import NoiseSchedule, Prediction
 
 SamplerKind = Literal["ddpm", "ddim"]
+ClassModel = Callable[[Tensor, Tensor, Tensor], Tensor]  # model(x, t, labels)
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, device: torch.device | str) -> Tensor:
@@ -58,6 +59,22 @@ def sample_batches(
         x = seeded_noise((n, *latent_shape), seed + i, device)
         yield samplers.run(full_run(kind, denoise_fn, x, schedule, prediction=prediction, ddpm_variance=ddpm_variance,
                                     ddim_steps=ddim_steps, ddim_eta=ddim_eta, generator=generator))
+
+
+def class_batches(
+    model: ClassModel, null_label: int, label: int, guidance: float, schedule: NoiseSchedule,
+    latent_shape: tuple[int, ...], *, num_images: int, batch_size: int, seed: int, device: torch.device | str,
+    prediction: Prediction, ddim_steps: int = 50, ddim_eta: float = 0.0,
+) -> Iterator[Tensor]:
+    """DDIM samples of class ``label`` by classifier-free guidance at scale ``guidance`` from a
+    class-conditional ``model(x, t, labels)``, batched and seeded as :func:`sample_batches`."""
+
+    def denoise_fn(x: Tensor, t: Tensor) -> Tensor:
+        labels = torch.full((len(x),), label, dtype=torch.long, device=x.device)
+        return samplers.classifier_free_guidance(model, labels, null_label, guidance)(x, t)
+
+    return sample_batches("ddim", denoise_fn, schedule, latent_shape, num_images=num_images, batch_size=batch_size,
+                          seed=seed, device=device, prediction=prediction, ddim_steps=ddim_steps, ddim_eta=ddim_eta)
 
 
 def why_iterate_path(t: int, ddim_steps: int, num_train_steps: int) -> list[int]:

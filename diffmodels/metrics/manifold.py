@@ -24,6 +24,8 @@ instead of the full N x N matrix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -95,3 +97,24 @@ def manifold_metrics(real: Tensor, fake: Tensor, k_pr: int = 3, k_dc: int = 5, c
         "num_real": len(x),
         "num_fake": len(y),
     }
+
+
+def per_class_metrics(real: Tensor, real_labels: Tensor, fakes: Mapping[int, Tensor], k_pr: int = 3,
+                      k_dc: int = 5) -> dict[int, dict]:
+    """:func:`manifold_metrics` of each class's generated features ``fakes[c]`` (M_c, D) against
+    the real features of that class, ``real[real_labels == c]``: whether the samples of class c
+    look like class c (precision, density) and cover it (recall, coverage), which the pooled
+    metrics cannot say (a model that draws every class as the same garment can still score
+    well pooled). A class with no more than ``max(k_pr, k_dc)`` real or generated points has no
+    k-NN radii: its four metrics are None (``num_real`` and ``num_fake`` say why)."""
+    if real_labels.shape != (len(real),):
+        raise ValueError(f"real_labels must be ({len(real)},), got {tuple(real_labels.shape)}")
+    out = {}
+    for c, fake in fakes.items():
+        own = real[real_labels == c]
+        if min(len(own), len(fake)) <= max(k_pr, k_dc):
+            out[c] = {**dict.fromkeys(("precision", "recall", "density", "coverage")), "k_pr": k_pr, "k_dc": k_dc,
+                      "num_real": len(own), "num_fake": len(fake)}
+        else:
+            out[c] = manifold_metrics(own, fake, k_pr, k_dc)
+    return out

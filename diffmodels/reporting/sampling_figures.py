@@ -24,12 +24,11 @@ from diffmodels.diffusion.samplers import (
     run,
     visual_anagram,
 )
-from diffmodels.diffusion.sampling import why_iterate_path
+from diffmodels.diffusion.sampling import ClassModel, why_iterate_path
 from diffmodels.diffusion.schedule import NoiseSchedule, Prediction
 from diffmodels.reporting.figures import gaussian_blur, labelled_grid
 
 Decode = Callable[[Tensor], np.ndarray]
-ClassModel = Callable[[Tensor, Tensor, Tensor], Tensor]  # model(x, t, labels)
 PER_CLASS = 6  # samples per class row (guidance grids) and per anagram
 
 
