@@ -71,7 +71,8 @@ def test_a_key_that_is_not_a_string_is_unknown():
         ({"tracking.experiment": ""}, "tracking.experiment must be a non-empty string (got '')"),
         ({"data.resolution": 4}, "(got 4: not >= 16)"),  # the first bound broken, in the order they read
         ({"vae.arch": "unet"}, "vae.arch must be one of 'localized', 'conventional'; got 'unet'"),
-        ({"vae.disc_weight": 0.5, "vae.disc_start": 800, "vae.steps": 800}, "vae.disc_start must be < vae.steps when vae.disc_weight > 0"),
+        ({"vae.disc_weight": 0.5, "vae.disc_start": 800, "vae.steps": 800},
+         "vae.disc_start must be < vae.steps when vae.disc_weight > 0"),
         ({"vae.arch": "conventional", "vae.norm_groups": 16}, "vae.norm_groups 16 must divide every width [8, 16, 32, 64]"),
         ({"vae.disc_weight": -1.0}, "vae.disc_weight must be >= 0"),
         ({"vae.freq_weight": -1.0}, "vae.freq_weight must be >= 0"),
