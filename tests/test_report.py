@@ -129,7 +129,7 @@ def exp_show_rows(workspace: dict, baseline: dict, experiments: dict[str, dict],
         rows.append(row(rev, "branch_commit", name))
         data[rev] = (params(7), metrics)
     rows += [row("fffffff", "branch_base", queued, "Queued"), row("bbbbbbb", "baseline")]
-    return rows, lambda rev: data[rev]
+    return rows, lambda rev: (*data[rev], ())
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +392,8 @@ def test_markdown_tables_in_benchmark_text():
 
 def test_dvc_experiments_through_dvc_api(tmp_path):
     """A real DVC project: the baseline and a finished experiment with their params and metrics
-    files as written; a queued one is left out."""
+    files as written; a queued one is left out; a stage the experiment did not rerun for its new
+    params (``leak``: ``dvc exp run sample``) is stale, its older metrics left out."""
     import subprocess
     import sys
 
@@ -400,14 +401,19 @@ def test_dvc_experiments_through_dvc_api(tmp_path):
     write(repo / "make.py", "import json, yaml\np = yaml.safe_load(open('params.yaml'))\n"
           "json.dump({'fid_ddim': p['vae']['decoder_kernel'] * 1.123456789, 'fid_extractor': 'x', 'n': {'b': 2}},"
           " open('reports/sample/metrics.json', 'w'))\n")
+    write(repo / "leak.py", "import json, yaml\np = yaml.safe_load(open('params.yaml'))\n"
+          "json.dump({'leak_mean': p['vae']['decoder_kernel'] / 100}, open('reports/leak/metrics.json', 'w'))\n")
     write(repo / "dvc.yaml", "stages:\n  sample:\n    cmd: python make.py\n    deps: [make.py]\n"
-          "    params: [vae.decoder_kernel]\n    metrics: [{reports/sample/metrics.json: {cache: false}}]\n")
+          "    params: [vae.decoder_kernel]\n    metrics: [{reports/sample/metrics.json: {cache: false}}]\n"
+          "  leak:\n    cmd: python leak.py\n    deps: [leak.py]\n"
+          "    params: [vae]\n    metrics: [{reports/leak/metrics.json: {cache: false}}]\n")
     write(repo / "params.yaml", "vae:\n  decoder_kernel: 3\nseed: 0\n")
     (repo / "reports/sample").mkdir(parents=True)
+    (repo / "reports/leak").mkdir(parents=True)
     dvc = [sys.executable, "-m", "dvc"]
     for cmd in (["git", "init", "-q", "-b", "main"], [*dvc, "init", "-q"], [*dvc, "repro", "-q"],
                 ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"],
-                [*dvc, "exp", "run", "-q", "-S", "vae.decoder_kernel=7", "-n", "k7"],
+                [*dvc, "exp", "run", "-q", "-S", "vae.decoder_kernel=7", "-n", "k7", "sample"],
                 [*dvc, "exp", "run", "-q", "--queue", "-S", "vae.decoder_kernel=5", "-n", "q5"]):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
     stages = report.read_pipeline(repo / "dvc.yaml")
@@ -416,11 +422,32 @@ def test_dvc_experiments_through_dvc_api(tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert exps[0].rev == head and len(exps[1].rev) == 40
     assert exps[0].params == {"vae.decoder_kernel": 3, "seed": 0} and exps[1].params["vae.decoder_kernel"] == 7
+    assert exps[0].stale == () and exps[0].metrics["reports/leak/metrics.json"] == {"leak_mean": 0.03}
+    assert exps[1].stale == ("leak",)
     assert exps[1].metrics == {"reports/sample/metrics.json": {"fid_ddim": 7 * 1.123456789, "fid_extractor": "x",
                                                                "n": {"b": 2}}}
     assert workspace.metrics == exps[1].metrics  # dvc exp run leaves the experiment in the workspace
     assert skipped == [("q5", "queued")]
     assert [e.name for e in compare.select(exps, [exps[1].rev[:8]])] == ["k7"]
+
+
+def test_stale_stages_from_params_and_dependency_hashes():
+    """A stage is stale when a param it ran with changed, when an input's hash is not the one its
+    producer last wrote, or when its producer is stale; fresh stages and unlocked ones are not."""
+    lock = {"schema": "2.0", "stages": {
+        "train": {"params": {"params.yaml": {"vae": {"steps": 800}, "seed": 0}},
+                  "outs": [{"path": "data/vae.st", "md5": "new"}]},
+        "cache": {"deps": [{"path": "data/vae.st", "md5": "new"}], "outs": [{"path": "data/lat", "md5": "l1.dir"}]},
+        "leak": {"deps": [{"path": "data/vae.st", "md5": "old"}]},  # ran on an earlier VAE
+        "ddpm": {"deps": [{"path": "data/lat", "md5": "l1.dir"}], "params": {"params.yaml": {"ddpm.steps": 10}}},
+    }}
+    params = {"vae": {"steps": 800}, "seed": 0, "ddpm": {"steps": 10}}
+    assert compare.stale_stages(lock, params) == ("leak",)
+    assert compare.stale_stages(lock, {**params, "ddpm": {"steps": 20}}) == ("leak", "ddpm")
+    # the VAE's params changed: it and everything downstream of it are stale, in pipeline order
+    assert compare.stale_stages(lock, {**params, "vae": {"steps": 4000}}) == ("train", "cache", "leak", "ddpm")
+    assert compare.stale_stages(lock, {**params, "seed": 1}) == ("train", "cache", "leak", "ddpm")
+    assert compare.stale_stages({}, params) == ()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 Sources
     ``dvc.api.exp_show`` lists the baseline and its experiments with their state; each one's
     params come from ``dvc.api.params_show(rev=)`` and its metrics files (those of ``dvc.yaml``),
-    as written, through ``dvc.api.DVCFileSystem(rev=)``. (``exp_show``'s own table cannot serve
+    as written, through ``dvc.api.DVCFileSystem(rev=)``. A stage that did not run for the rev's
+    params and inputs (``dvc exp run sample`` leaves ``eval_leakage``'s older files in place) is
+    *stale* (:func:`stale_stages`, from the rev's ``dvc.lock``): its metrics are left out and the page
+    names it, so no experiment is credited with numbers measured on another. (``exp_show``'s own table cannot serve
     for the values: it flattens every metrics file into one row, names a key by its file only
     when two files share it, and turns numbers into formatted strings and back.) Files
     (loss curves, leakage profiles, sample grids) come from the workspace for the stages whose
@@ -50,6 +53,11 @@ from diffmodels.reporting import report
 
 NOT_FINISHED = ("queued", "running", "failed")
 SEED_KEY = "seed"  # the param that tells the runs of one group apart
+# Headline columns: the report's headlines, then the samplers' KID and FID with their floor and
+# precision / recall (the report shows those in its FID table instead; eval_inpaint's are in the
+# all-metrics table, as the first stage with a match takes a pattern).
+HEADLINE_KEYS = (*(pattern for pattern, _ in report.HEADLINES), "scores/*/kid_mean", "scores/*/fid",
+                 "scores/*/fid_floor", "scores/*/precision", "scores/*/recall")
 
 
 @dataclass
@@ -62,31 +70,33 @@ class Experiment:
     color: str = ""
     runs: dict[str, report.RunRef | None] = field(default_factory=dict)  # stage -> run
     local: set[str] = field(default_factory=set)  # stages whose files in the workspace are this experiment's
+    stale: tuple[str, ...] = ()  # stages whose files are not this experiment's results (left out of metrics)
 
 
-RevData = Callable[[str | None], tuple[dict[str, Any], dict[str, dict]]]
+# read(rev) -> (flat params, {metrics file: content}, stale stages)
+RevData = Callable[[str | None], tuple[dict[str, Any], dict[str, dict], tuple[str, ...]]]
 
 
 def parse_exp_show(rows: Sequence[Mapping], read: RevData
                    ) -> tuple[Experiment | None, list[Experiment], list[tuple[str, str]]]:
     """(workspace, [baseline, its experiments...], skipped (name, why)) from ``dvc.api.exp_show`` rows.
 
-    ``read(rev)`` gives a rev's (flat params, {metrics file: content}); ``rev=None`` the
-    workspace. The baseline is the first commit row (``HEAD``); experiments that are queued,
+    ``read(rev)`` gives a rev's (flat params, {metrics file: content}, stale stages); ``rev=None``
+    the workspace. The baseline is the first commit row (``HEAD``); experiments that are queued,
     running, failed, unreadable or have no metrics are skipped with the reason.
     """
     workspace, chosen, skipped = None, [], []
     for row in rows:
         rev, typ = str(row.get("rev") or ""), row.get("typ")
         if rev == "workspace":
-            params, metrics = read(None)
-            workspace = Experiment("workspace", "workspace", params, metrics, kind="workspace")
+            params, metrics, stale = read(None)
+            workspace = Experiment("workspace", "workspace", params, metrics, kind="workspace", stale=stale)
             continue
         if typ == "baseline":
             if chosen:  # only the current baseline's experiments (exp_show lists HEAD first)
                 break
-            params, metrics = read(rev)
-            chosen.append(Experiment(rev, rev, params, metrics, kind="baseline"))
+            params, metrics, stale = read(rev)
+            chosen.append(Experiment(rev, rev, params, metrics, kind="baseline", stale=stale))
             continue
         if not chosen:
             continue
@@ -96,36 +106,93 @@ def parse_exp_show(rows: Sequence[Mapping], read: RevData
             skipped.append((name, state))
             continue
         try:
-            params, metrics = read(rev)
+            params, metrics, stale = read(rev)
         except (OSError, ValueError, DiffmodelsError) as exc:  # ValueError: a metrics file that is not JSON
             skipped.append((name, f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"))
             continue
         if not metrics:
             skipped.append((name, "no metrics"))
         else:
-            chosen.append(Experiment(name, rev, params, metrics))
+            chosen.append(Experiment(name, rev, params, metrics, stale=stale))
     return workspace, chosen, skipped
 
 
-def rev_reader(root: Path, metrics_files: Sequence[str]) -> RevData:
-    """``read(rev)`` for :func:`parse_exp_show`: params (dotted names) and the metrics files of a
-    rev (a commit, branch or experiment), through ``dvc.api``; ``None`` is the workspace."""
-    import dvc.api
+def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
+    """params["a"]["b"] for "a.b"; a missing key gives a sentinel that equals nothing."""
+    value: Any = params
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
 
-    def read(rev: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
-        params = {k.replace("/", "."): v for k, v in report.flatten_metrics(
-            dvc.api.params_show(repo=str(root), rev=rev)).items()}
+
+_MISSING = object()
+
+
+def stale_stages(lock: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[str, ...]:
+    """Stages of a ``dvc.lock`` whose recorded run does not belong to the current ``params`` (nested,
+    as ``params.yaml`` holds them) and the outputs of the other locked stages, in lock order:
+
+    - a param it ran with differs from ``params`` (``dvc exp run -S vae.steps=800 sample`` leaves
+      ``eval_leakage`` locked with the old ``vae`` group), or
+    - a dependency's hash differs from the hash another stage's run recorded for that output, or
+      that output comes from a stale stage (the staleness flows downstream).
+
+    Code dependencies are not checked (an experiment changes params, not files); the lock entry
+    of a stage that never ran is simply absent, and so are its metrics.
+    """
+    entries = lock.get("stages") or {}
+    produced: dict[str, tuple[str, Any]] = {}  # output path -> (stage, hash)
+    for name, entry in entries.items():
+        for out in entry.get("outs") or []:
+            produced[out["path"]] = (name, out.get("md5") or out.get("hash"))
+    stale: list[str] = []
+    for name, entry in entries.items():  # dvc.lock lists stages in pipeline order
+        recorded = {k: v for file_params in (entry.get("params") or {}).values() for k, v in file_params.items()}
+        if any(_lookup(params, k) != v for k, v in recorded.items()):
+            stale.append(name)
+            continue
+        for dep in entry.get("deps") or []:
+            source = produced.get(dep["path"])
+            if source and source[0] != name and (source[0] in stale or source[1] != (dep.get("md5") or dep.get("hash"))):
+                stale.append(name)
+                break
+    return tuple(stale)
+
+
+def rev_reader(root: Path, stages: Sequence[report.Stage]) -> RevData:
+    """``read(rev)`` for :func:`parse_exp_show`: params (dotted names), the metrics files of a rev
+    (a commit, branch or experiment) through ``dvc.api``, and its stale stages (their metrics left
+    out); ``None`` is the workspace."""
+    import dvc.api
+    import yaml
+
+    files = {m: s.name for s in stages for m in s.metrics}
+
+    def read(rev: str | None) -> tuple[dict[str, Any], dict[str, dict], tuple[str, ...]]:
+        nested = dvc.api.params_show(repo=str(root), rev=rev)
+        params = {k.replace("/", "."): v for k, v in report.flatten_metrics(nested).items()}
         fs = dvc.api.DVCFileSystem(str(root), rev=rev) if rev is not None else None
+
+        def text(path: str) -> str:
+            return fs.read_text(path) if fs is not None else (root / path).read_text()
+
+        try:
+            stale = stale_stages(yaml.safe_load(text("dvc.lock")) or {}, nested)
+        except FileNotFoundError:  # nothing has run in that rev
+            stale = ()
         metrics = {}
-        for path in metrics_files:
+        for path, stage in files.items():
+            if stage in stale:
+                continue
             try:
-                text = fs.read_text(path) if fs is not None else (root / path).read_text()
+                content = json.loads(text(path))
             except FileNotFoundError:  # the stage has not run in that rev
                 continue
-            content = json.loads(text)
             if isinstance(content, Mapping):
                 metrics[path] = content
-        return params, metrics
+        return params, metrics, tuple(s for s in stale if s in files.values())
 
     return read
 
@@ -136,10 +203,9 @@ def dvc_experiments(root: Path, stages: Sequence[report.Stage]
     import dvc.api
     from dvc.exceptions import DvcException
 
-    files = list(dict.fromkeys(m for s in stages for m in s.metrics))
     try:
         rows = dvc.api.exp_show(repo=str(root))
-        workspace, exps, skipped = parse_exp_show(rows, rev_reader(root, files))
+        workspace, exps, skipped = parse_exp_show(rows, rev_reader(root, stages))
     except (DvcException, ValueError) as exc:  # ValueError: a metrics file that is not JSON
         raise DiffmodelsError(f"cannot read the DVC experiments in {root}: {exc}") from None
     for exp in exps:  # full commit ids (exp_show gives 7 characters, or the branch name)
@@ -410,7 +476,7 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
     diff_params = [k for k in keys if differing([e.params.get(k) for e in exps])]
     per_stage = {s.name: [stage_metrics(e, s) for e in exps] for s in stages}
     heads = []
-    for pattern, _ in report.HEADLINES:
+    for pattern in HEADLINE_KEYS:
         for s in stages:
             hits = sorted({k for m in per_stage[s.name] for k, v in m.items()
                            if fnmatch.fnmatchcase(k, pattern) and report.is_number(v)})
@@ -543,5 +609,6 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
     return hp.render(
         "compare.html.j2", title="diffmodels: experiment comparison", nav=nav, names=[e.name for e in exps],
         runs=exps, kinds=kinds, diff_params=diff_params, skipped=list(skipped), summary=summary, seed_view=seed_view,
+        stale=[(e.name, ", ".join(e.stale)) for e in exps if e.stale],
         metric_blocks=metric_blocks, metric_rows=sum(len(b["rows"]) + 1 for b in metric_blocks),
         charts=charts, image_blocks=image_blocks, runs_table={"header": ["stage", *head], "rows": runs_rows})
