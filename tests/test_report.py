@@ -499,10 +499,16 @@ def test_group_experiments_by_params_except_seed():
     stage = report.Stage("sample", metrics=["reports/sample/metrics.json"])
     assert compare.group_values(groups[1], stage, "fid_ddpm") == [50.0, 51.0, 52.0]
     rows = compare.significance_rows(groups, stage, "fid_ddpm")
-    ref = __import__("scipy").stats.ttest_ind([100, 101, 102], [50, 51, 52], equal_var=False)
-    assert rows[0][:4] == ["sample: fid_ddpm", "vae.decoder_kernel=3", "vae.decoder_kernel=7", 50.0]
-    assert rows[0][6] == pytest.approx(ref.pvalue) and rows[0][7] == "significant"
-    assert rows[1][7] == "n=1: no test" and rows[1][4] is None  # the lone kernel 5
+    # kernels 3 and 7 ran seeds 0-2 both: paired, and every seed's difference is exactly 50
+    assert rows[0][:5] == ["sample: fid_ddpm", "vae.decoder_kernel=3", "vae.decoder_kernel=7", 50.0, "paired"]
+    assert rows[0][7] == 0.0 and rows[0][8] == "significant"
+    assert rows[1][8] == "n=1: no test" and rows[1][5] is None  # the lone kernel 5
+    # seed 2 of kernel 7 missing: the seeds differ, so Welch's test on what there is
+    groups[1].members.pop()
+    ref = __import__("scipy").stats.ttest_ind([100, 101, 102], [50, 51], equal_var=False)
+    welch_row = compare.significance_rows(groups, stage, "fid_ddpm")[0]
+    assert welch_row[4] == "Welch" and welch_row[7] == pytest.approx(ref.pvalue)
+    groups = compare.group_experiments(exps)
     assert compare.significance_rows(groups, stage, "fid_ddpm", only_significant=True) == rows[:1]
     assert compare.interval_text(None) == "-"
     assert compare.interval_text(__import__("diffmodels.metrics.seeds").metrics.seeds.summarize([4.0])) == "4 (n=1)"
@@ -528,7 +534,7 @@ def test_compare_page_of_a_seed_study(tmp_path):
     seeds_html = re.search(r'id="seeds".*?</section>', page, re.S).group(0)
     # 95% t interval of 3 seeds 1 apart: half-width t_{0.975,2} / sqrt(3) = 2.484
     assert "101 \u00b1 2.484 (n=3)" in seeds_html and "51 \u00b1 2.484 (n=3)" in seeds_html
-    assert "70 (n=1)" in seeds_html and "Welch&#39;s t-test, two-sided, p &lt; 0.05" in seeds_html
+    assert "70 (n=1)" in seeds_html and "paired over shared seeds, else Welch&#39;s" in seeds_html
     assert "little power" in seeds_html and "k3-s0 (seed 0, vae.decoder_kernel=3)" in seeds_html
     best = re.findall(r'<td class="best">([^<]*)</td>', seeds_html)
     assert "51 \u00b1 2.484 (n=3)" in best  # lowest mean FID

@@ -63,6 +63,33 @@ def test_welch_against_a_float64_hand_computation():
     assert seeds.welch([1.0, 1.0], [2.0, 2.0]) is None  # no spread anywhere: nothing to test against
 
 
+def test_paired_against_scipy_and_its_edge_cases():
+    """The paired t-test on per-seed differences equals scipy's ttest_rel; it sees a shift that a
+    shared per-seed spread hides from Welch's test."""
+    from scipy import stats
+
+    a, b = [0.2575, 0.3240, 0.3010], [0.2619, 0.3264, 0.3042]  # loss per seed, two mixers of one study
+    got, ref = seeds.paired(a, b), stats.ttest_rel(a, b)
+    assert got.kind == "paired" and got.df == 2
+    assert got.t == pytest.approx(ref.statistic, rel=1e-9) and got.p == pytest.approx(ref.pvalue, rel=1e-9)
+    assert got.significant and not seeds.welch(a, b).significant
+    assert seeds.paired([1.0, 2.0], [0.0, 1.0]).p == 0.0  # constant non-zero difference
+    assert seeds.paired([1.0, 2.0], [1.0, 2.0]) is None  # no difference at all: nothing to test
+    assert seeds.paired([1.0], [2.0]) is None
+    with pytest.raises(ValueError, match="equal lengths"):
+        seeds.paired([1.0, 2.0], [1.0])
+
+
+def test_paired_rejects_at_the_stated_rate_under_the_null():
+    """A large shared per-seed effect, no difference between the groups: about 5% significant."""
+    rng = np.random.default_rng(2)
+    hits = 0
+    for _ in range(3000):
+        shared = rng.normal(0, 10, 3)
+        hits += seeds.paired(shared + rng.normal(0, 1, 3), shared + rng.normal(0, 1, 3)).significant
+    assert abs(hits / 3000 - 0.05) < 0.013
+
+
 def test_welch_rejects_at_the_stated_rate_under_the_null():
     """Equal means, unequal spreads, 3 seeds each: about 5% of tests come out significant."""
     rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""Statistics over seeds: a mean with its Student t interval, and Welch's t-test between two groups.
+"""Statistics over seeds: a mean with its Student t interval, and t-tests between two groups.
 
 A seed study runs the same params with ``seed`` = 0, 1, 2, ...; each run gives one number per
 metric. For a group of n such numbers x_1..x_n (docs/metrics.md#seeds):
@@ -11,6 +11,15 @@ Two groups a, b are compared by Welch's t-test (unequal variances):
     t = (m_a - m_b) / sqrt(s_a^2/n_a + s_b^2/n_b),
     df = (s_a^2/n_a + s_b^2/n_b)^2 / ((s_a^2/n_a)^2/(n_a-1) + (s_b^2/n_b)^2/(n_b-1))   (Welch-Satterthwaite)
     p = 2 * (1 - F_t(|t|; df))                                                           (two-sided)
+
+When both groups ran the same seeds, seed for seed (a study grid: ``-S 'ddpm.mixer=a,b' -S
+'seed=0,1,2'``), seed i gave both runs the same data split and order, VAE and noise, so the runs
+are *paired* and the test is on the per-seed differences d_i = a_i - b_i (paired t-test):
+
+    t = mean(d) / (s_d / sqrt(n)),   df = n - 1,   p as above
+
+which removes the spread the seeds share (it can be most of it) from the comparison. With d
+constant and non-zero, t is infinite and p = 0.
 
 a difference being *significant* when p < ALPHA = 0.05. With 3 seeds a group has 2 degrees of
 freedom, so the test only sees large effects (the t quantile is 4.30 against 1.96 for many runs):
@@ -29,7 +38,7 @@ from scipy import stats
 
 ALPHA = 0.05
 LEVEL = 0.95
-TEST_NAME = "Welch's t-test, two-sided, p < 0.05"
+TEST_NAME = "two-sided t-test, p < 0.05 (paired over shared seeds, else Welch's)"
 
 
 @dataclass(frozen=True)
@@ -74,17 +83,18 @@ def summarize(values: Sequence[float], level: float = LEVEL) -> Summary:
 
 
 @dataclass(frozen=True)
-class Welch:
+class TTest:
     t: float
     df: float
     p: float
+    kind: str  # "paired" or "Welch"
 
     @property
     def significant(self) -> bool:
         return self.p < ALPHA
 
 
-def welch(a: Sequence[float], b: Sequence[float]) -> Welch | None:
+def welch(a: Sequence[float], b: Sequence[float]) -> TTest | None:
     """Welch's t-test of mean(a) == mean(b); None when it cannot be run: a group with fewer than 2
     values, or no spread in either group (every run gave the same number: nothing to test against)."""
     if len(a) < 2 or len(b) < 2:
@@ -95,4 +105,20 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Welch | None:
         return None
     t = (sa.mean - sb.mean) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va ** 2 / (sa.n - 1) + vb ** 2 / (sb.n - 1))
-    return Welch(t, df, two_sided_p(t, df))
+    return TTest(t, df, two_sided_p(t, df), "Welch")
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> TTest | None:
+    """Paired t-test of mean(a - b) == 0, a[i] and b[i] from the same seed; None with fewer than 2
+    pairs or when every difference is 0 (nothing to test)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return None
+    d = summarize([x - y for x, y in zip(a, b)])
+    if d.std == 0.0:
+        if d.mean == 0.0:
+            return None
+        return TTest(math.copysign(math.inf, d.mean), d.n - 1, 0.0, "paired")
+    t = d.mean / (d.std / math.sqrt(d.n))
+    return TTest(t, d.n - 1, two_sided_p(t, d.n - 1), "paired")

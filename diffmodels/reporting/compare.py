@@ -19,8 +19,9 @@ Seeds
     Experiments whose params are equal except ``seed`` form a *group* (:func:`group_experiments`;
     two runs of one group with the same seed count once). Each metric of a group is shown as
     its mean +- the half-width of the 95% Student t interval over the group's seeds, with n (n = 1:
-    one run, no interval), and each pair of groups is compared by Welch's t-test, two-sided,
-    significant when p < 0.05 (:mod:`diffmodels.metrics.seeds`; docs/metrics.md#seeds).
+    one run, no interval), and each pair of groups is compared by a two-sided t-test, significant
+    when p < 0.05: paired over the seeds when both groups ran the same ones, else Welch's
+    (:mod:`diffmodels.metrics.seeds`; docs/metrics.md#seeds).
 
 Page
     1. params that differ, with headline metrics, best per column marked;
@@ -302,8 +303,25 @@ def group_experiments(exps: Sequence[Experiment]) -> list[Group]:
 
 def group_values(group: Group, stage: report.Stage, key: str) -> list[float]:
     """The numbers of metric ``key`` (of ``stage``) over the group's runs that have it."""
-    values = [stage_metrics(e, stage).get(key) for e in group.members]
-    return [float(v) for v in values if report.is_number(v)]
+    return list(group_by_seed(group, stage, key).values())
+
+
+def group_by_seed(group: Group, stage: report.Stage, key: str) -> dict[Any, float]:
+    """{seed: number of metric ``key``} over the group's runs that have it."""
+    values = {e.params.get(SEED_KEY): stage_metrics(e, stage).get(key) for e in group.members}
+    return {seed: float(v) for seed, v in values.items() if report.is_number(v)}
+
+
+def pair_test(a: Mapping[Any, float], b: Mapping[Any, float]) -> seeds.TTest | None:
+    """The paired t-test when both groups have a number for exactly the same seeds (two or more),
+    else Welch's (:mod:`diffmodels.metrics.seeds`); None when neither group varies over its seeds
+    (a parameter count, a floor from the data alone: nothing to test)."""
+    if len(set(a.values())) == 1 and len(set(b.values())) == 1:
+        return None
+    if len(a) >= 2 and a.keys() == b.keys():
+        order = sorted(a, key=str)
+        return seeds.paired([a[k] for k in order], [b[k] for k in order])
+    return seeds.welch(list(a.values()), list(b.values()))
 
 
 def interval_text(summary: seeds.Summary | None) -> str:
@@ -317,24 +335,25 @@ def interval_text(summary: seeds.Summary | None) -> str:
 
 def significance_rows(groups: Sequence[Group], stage: report.Stage, key: str, only_significant: bool = False
                       ) -> list[list[Any]]:
-    """[metric, group a, group b, mean a - mean b, t, df, p, verdict] for every pair of groups."""
+    """[metric, group a, group b, mean a - mean b, test, t, df, p, verdict] for every pair of groups;
+    the test is paired when the two groups ran the same seeds (:func:`pair_test`)."""
     rows = []
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:
-            xa, xb = group_values(a, stage, key), group_values(b, stage, key)
+            xa, xb = group_by_seed(a, stage, key), group_by_seed(b, stage, key)
             if not xa or not xb:
                 continue
-            test = seeds.welch(xa, xb)
-            diff = seeds.summarize(xa).mean - seeds.summarize(xb).mean
+            test = pair_test(xa, xb)
+            diff = seeds.summarize(list(xa.values())).mean - seeds.summarize(list(xb.values())).mean
             if test is None:
                 why = "n=1: no test" if min(len(xa), len(xb)) < 2 else "no spread: no test"
                 if not only_significant:
-                    rows.append([f"{stage.name}: {key}", a.label, b.label, diff, None, None, None, why])
+                    rows.append([f"{stage.name}: {key}", a.label, b.label, diff, None, None, None, None, why])
                 continue
             if only_significant and not test.significant:
                 continue
-            rows.append([f"{stage.name}: {key}", a.label, b.label, diff, round(test.t, 3), round(test.df, 2),
-                         test.p, "significant" if test.significant else "not significant"])
+            rows.append([f"{stage.name}: {key}", a.label, b.label, diff, test.kind, round(test.t, 3),
+                         round(test.df, 2), test.p, "significant" if test.significant else "not significant"])
     return rows
 
 
@@ -492,7 +511,7 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
             best.add((i, 1 + len(diff_params) + j))
     summary = {"header": ["experiment", *diff_params, *(k for _, k in heads)], "rows": rows, "best": best}
 
-    # 2. groups of seeds: mean +- 95% interval, and Welch's t-test between groups
+    # 2. groups of seeds: mean +- 95% interval, and a t-test between groups (paired over shared seeds)
     groups = group_experiments(exps)
     study = any(len(g.members) > 1 for g in groups)
     by_name = {s.name: s for s in stages}
@@ -518,9 +537,9 @@ def render_compare(exps: list[Experiment], stages: Sequence[report.Stage], files
         seed_view = {
             "groups": {"header": ["group", "n", "seeds", *(k for _, k in heads)], "rows": g_rows, "best": g_best},
             "duplicates": [(name, seed, g.label) for g in groups for name, seed in g.duplicates],
-            "tests": {"header": ["metric", "group a", "group b", "mean a - mean b", "t", "df", "p", seeds.TEST_NAME],
-                      "rows": tests},
-            "others": {"header": ["metric", "group a", "group b", "mean a - mean b", "t", "df", "p", "verdict"],
+            "tests": {"header": ["metric", "group a", "group b", "mean a - mean b", "test", "t", "df", "p",
+                                 seeds.TEST_NAME], "rows": tests},
+            "others": {"header": ["metric", "group a", "group b", "mean a - mean b", "test", "t", "df", "p", "verdict"],
                        "rows": others},
             "min_n": min(len(g.members) for g in groups), "test_name": seeds.TEST_NAME,
         }
