@@ -12,6 +12,11 @@ heads of 64, state 16, a path and its reverse) against three attention blocks of
                 residual, upcast softmax); diffusers is a test-only dependency, skipped if absent
     unfused     the sdpa block forced onto SDPA's math kernel, which stores the L x L weights
 
+It also times ``shell``: the serpentine block with its scan taken out (norm, in-projection,
+depthwise conv, output norm, gate, out-projection, residual), the floor that no sequence layer
+inside this block design can go below; where the shell alone is slower than attention, a time
+target there cannot be met by a faster scan.
+
 It measures the peak memory of one such step, prints the ratios serpentine / attention with the
 targets they are held to (time <= 1.0x at 8x8 .. 32x32 and <= 0.5x at 64x64 against sdpa and
 diffusers; peak memory <= 1.0x sdpa from 32x32 up) and PASS / FAIL, then runs the chunked SSD
@@ -84,6 +89,17 @@ class AttentionBlock(nn.Module):
         return x + y.transpose(1, 2).reshape(b, c, h, w)
 
 
+class ShellBlock(SerpentineBlock):
+    """The serpentine block without its scan: what the block costs around the SSM."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=1)
+        y = F.silu(self.conv(u)).flatten(2).transpose(1, 2)  # (B, L, E), where the scan's output would be
+        y = self.out_norm(y) * F.silu(z.flatten(2).transpose(1, 2))
+        return x + self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
+
+
 def diffusers_attention(channels: int, head_dim: int = 32, norm_groups: int = 32) -> nn.Module | None:
     """diffusers' spatial self-attention as ``UNetMidBlock2D`` builds it, or None without diffusers."""
     try:
@@ -116,6 +132,7 @@ def blocks_for(width: int, directions: int, device: torch.device) -> dict[str, n
     torch.manual_seed(0)
     blocks = {
         "serpentine": SerpentineBlock(width, directions=directions),
+        "shell": ShellBlock(width, directions=directions),
         "sdpa": AttentionBlock(width, heads=width // 32),
         "diffusers": diffusers_attention(width),
         "unfused": AttentionBlock(width, heads=width // 32, fused=False),
@@ -236,6 +253,17 @@ def print_tables(rows: list[dict]) -> None:
               + f" | {target_m} | {verdict_m} |")
 
 
+def print_shell_table(rows: list[dict]) -> None:
+    print("\nthe block around the scan: shell (serpentine without its SSM) / sdpa, and the scan's share")
+    print("| batch | grid | shell ms | shell / sdpa | serpentine - shell ms | scan share of serpentine |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "shell_ms" in r and "sdpa_ms" in r:
+            scan = r["serpentine_ms"] - r["shell_ms"]
+            print(f"| {r['batch']} | {r['grid']}x{r['grid']} | {r['shell_ms']:.1f} | {r['shell_ms'] / r['sdpa_ms']:.2f}x"
+                  f" | {scan:.1f} | {scan / r['serpentine_ms']:.0%} |")
+
+
 def plot(rows: list[dict], scan_rows: list[dict], path: Path) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -290,6 +318,7 @@ def main() -> None:
     scan_rows = bench_scan(device)
     summary = summarise(rows, scan_rows)
     print_tables(rows)
+    print_shell_table(rows)
     print("\ngrowth exponents of time / memory (slope of log cost vs log L):")
     for name, e in summary["exponents"].items():
         print(f"  {name:28s} " + (" / ".join(f"{v:.2f}" for v in e.values()) if isinstance(e, dict) else f"{e:.2f}"))
