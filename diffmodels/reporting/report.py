@@ -669,7 +669,7 @@ def render_index(inputs: ReportInputs, skip: Iterable[str] = ("report",)) -> str
         intervals = [r.interval("fid_low", "fid_high") for r in rows]
         fid_figure = hp.figure(hp.bar_chart([r.name for r in rows], [r.fid for r in rows],
                                             "FID per sampler / inpainting method (lower is better)"
-                                            + ("; bars: 95% interval" if any(intervals) else ""), "FID",
+                                            + ("\nerror bars: 95% interval" if any(intervals) else ""), "FID",
                                             intervals=intervals),
                                "FID per sampler")
     nav = [("summary", "summary")] + [(s.name, s.name) for s in stages]
