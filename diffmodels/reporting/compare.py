@@ -118,17 +118,17 @@ def parse_exp_show(rows: Sequence[Mapping], read: RevData
     return workspace, chosen, skipped
 
 
+_MISSING = object()  # a param a rev does not have: equal to no recorded value
+
+
 def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
-    """params["a"]["b"] for "a.b"; a missing key gives a sentinel that equals nothing."""
+    """params["a"]["b"] for "a.b", or _MISSING."""
     value: Any = params
     for part in dotted.split("."):
         if not isinstance(value, Mapping) or part not in value:
             return _MISSING
         value = value[part]
     return value
-
-
-_MISSING = object()
 
 
 def stale_stages(lock: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -147,7 +147,7 @@ def stale_stages(lock: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[st
     produced: dict[str, tuple[str, Any]] = {}  # output path -> (stage, hash)
     for name, entry in entries.items():
         for out in entry.get("outs") or []:
-            produced[out["path"]] = (name, out.get("md5") or out.get("hash"))
+            produced[out["path"]] = (name, out.get("md5"))  # DVC 3: ``hash: md5`` names the algorithm
     stale: list[str] = []
     for name, entry in entries.items():  # dvc.lock lists stages in pipeline order
         recorded = {k: v for file_params in (entry.get("params") or {}).values() for k, v in file_params.items()}
@@ -156,7 +156,7 @@ def stale_stages(lock: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[st
             continue
         for dep in entry.get("deps") or []:
             source = produced.get(dep["path"])
-            if source and source[0] != name and (source[0] in stale or source[1] != (dep.get("md5") or dep.get("hash"))):
+            if source and source[0] != name and (source[0] in stale or source[1] != dep.get("md5")):
                 stale.append(name)
                 break
     return tuple(stale)
