@@ -12,8 +12,8 @@ heads of 64, state 16, a path and its reverse) against three attention blocks of
                 residual, upcast softmax); diffusers is a test-only dependency, skipped if absent
     unfused     the sdpa block forced onto SDPA's math kernel, which stores the L x L weights
 
-It also times ``shell``: the serpentine block with its scan taken out (norm, in-projection,
-depthwise conv, output norm, gate, out-projection, residual), the floor that no sequence layer
+It also times ``shell``: the serpentine block with its SSM taken out (norm, in-projection,
+depthwise conv, the path gathers, output norm, gate, out-projection, residual), the floor that no sequence layer
 inside this block design can go below; where the shell alone is slower than attention, a time
 target there cannot be met by a faster scan.
 
@@ -89,15 +89,19 @@ class AttentionBlock(nn.Module):
         return x + y.transpose(1, 2).reshape(b, c, h, w)
 
 
-class ShellBlock(SerpentineBlock):
-    """The serpentine block without its scan: what the block costs around the SSM."""
+class _NoSSM(nn.Module):
+    """Stands in for a block's ``SelectiveSSM``: the sequences pass through unchanged."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        u, z = self.in_proj(self.norm(x)).chunk(2, dim=1)
-        y = F.silu(self.conv(u)).flatten(2).transpose(1, 2)  # (B, L, E), where the scan's output would be
-        y = self.out_norm(y) * F.silu(z.flatten(2).transpose(1, 2))
-        return x + self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
+    def forward(self, x: Tensor, z: Tensor | None = None, **_: object) -> Tensor:
+        return x
+
+
+def shell_block(width: int, directions: int) -> SerpentineBlock:
+    """The serpentine block with its SSM taken out (the path gathers stay): what the block costs
+    around the sequence layer."""
+    block = SerpentineBlock(width, directions=directions)
+    block.ssm = _NoSSM()
+    return block
 
 
 def diffusers_attention(channels: int, head_dim: int = 32, norm_groups: int = 32) -> nn.Module | None:
@@ -132,7 +136,7 @@ def blocks_for(width: int, directions: int, device: torch.device) -> dict[str, n
     torch.manual_seed(0)
     blocks = {
         "serpentine": SerpentineBlock(width, directions=directions),
-        "shell": ShellBlock(width, directions=directions),
+        "shell": shell_block(width, directions),
         "sdpa": AttentionBlock(width, heads=width // 32),
         "diffusers": diffusers_attention(width),
         "unfused": AttentionBlock(width, heads=width // 32, fused=False),
