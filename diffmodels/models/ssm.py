@@ -140,7 +140,8 @@ def ssd_scan(
 
         a = dt * A[:, None]  # (b, h, L) log-decays, <= 0
         xdt = x * (dt if input_scale == 1.0 else dt * input_scale)[:, :, None]  # (b, h, p, L)
-        xdt = xdt.view(b, h, p, c, Q).transpose(2, 3)  # (b, h, c, p, Q)
+        # (b, h, c, p, Q), contiguous: both matmuls below would otherwise each copy (and save) it
+        xdt = xdt.view(b, h, p, c, Q).transpose(2, 3).contiguous()
         B = B.view(b, n, c, Q).transpose(1, 2)  # (b, c, n, Q), shared by the heads
         C = C.view(b, n, c, Q).transpose(1, 2)
         # 1. within chunks: y_i = sum_j (C_i . B_j) exp(segment sum of a) dt_j x_j, one masked product.
@@ -321,7 +322,10 @@ class SelectiveSSM(nn.Module):
         """y = scale * scan(x) + skip * D x (then the gate): ``scale`` and ``skip`` let a caller that
         sums several scans of one input form their mean without another pass over the outputs."""
         b, d_inner, l = x.shape
-        dt, B, C = torch.matmul(self.x_proj.weight, x).split([self.nheads, self.d_state, self.d_state], dim=1)
+        # bmm, not matmul: matmul folds (k, d) @ (b, d, l) into one 2-D product over a transposed
+        # copy of x, which it then keeps for backward beside x itself.
+        proj = torch.bmm(self.x_proj.weight.expand(b, -1, -1), x)
+        dt, B, C = proj.split([self.nheads, self.d_state, self.d_state], dim=1)
         dt = F.softplus(dt.to(_scan_dtype(x.dtype)) + self.dt_bias[:, None])  # (b, h, l), never in bf16
         A = -torch.exp(self.A_log.to(dt.dtype))  # (h,) strictly negative, float32 (float64 for float64 input)
         xh = x.view(b, self.nheads, self.headdim, l)  # (b, h, p, l)
