@@ -38,6 +38,17 @@ def save_png(path: str | Path, image: np.ndarray) -> None:
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
 
 
+def tensor_copy(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A writable tensor copy of an array or tensor: prepared splits are read-only memory maps.
+
+    Tensors are cloned rather than passed through ``np.array``, which numpy 2 would ask for a
+    copy with a keyword ``Tensor.__array__`` does not take.
+    """
+    if isinstance(images, torch.Tensor):
+        return images.clone()
+    return torch.from_numpy(np.array(images))
+
+
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1]."""
     return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

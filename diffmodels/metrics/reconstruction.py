@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffmodels.data.images import to_model_range
+from diffmodels.data.images import tensor_copy, to_model_range
 from diffmodels.data.latent_cache import ReconMetrics
 from diffmodels.metrics.fid import EXTRACTOR, fid_kid
 from diffmodels.metrics.intervals import fid_interval, kid_interval
@@ -67,7 +67,7 @@ ROW_KEYS = ("rfid", "rfid_low", "rfid_high", "rkid_mean", "rkid_low", "rkid_high
 
 
 def _uint8_nhwc(images: np.ndarray | Tensor, name: str = "images") -> Tensor:
-    x = torch.as_tensor(np.array(images))  # a copy: prepared splits are read-only memory maps
+    x = tensor_copy(images)
     if x.ndim != 4 or x.dtype != torch.uint8:
         raise ValueError(f"{name} must be (N, H, W, C) uint8, got {tuple(x.shape)} {x.dtype}")
     return x
