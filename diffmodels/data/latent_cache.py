@@ -126,7 +126,6 @@ def recon_grid(vae: VAE, images: np.ndarray, device: torch.device, ncol: int = 8
     """Rows of ``images`` (uint8 (N, H, W, C)) each followed by a row of their reconstructions
     (decode of the posterior mean), tiled into one uint8 image; eval mode, one batch."""
     with evaluating(vae):
-        # np.array copies: images may be a read-only memmap, which torch.from_numpy warns about
         x = to_model_range(tensor_copy(images)).to(device)
         recon = to_uint8(vae.decode(vae.encode(x)[0])).cpu().numpy()
     rows = []
