@@ -207,3 +207,56 @@ def test_float64_block_is_float64_throughout(directions):
     x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     branch, ref_branch = block(x) - x, serpentine_reference(block, x) - x
     assert ((branch - ref_branch).norm() / ref_branch.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("directions", [1, 2, 4])
+def test_recomputing_block_equals_the_storing_one(directions):
+    """From ``recompute_from`` positions up a training forward keeps only the inputs of its parts
+    and recomputes the rest in backward: the same output and gradients, to float32 rounding (the
+    gate reads a copy of z, which elementwise kernels may take another vector path through)."""
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(4))  # 35 cells, chunks of 8
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    runs = []
+    for recompute_from in (None, 35):
+        block = _perturbed(_block(directions=directions, recompute_from=recompute_from))
+        assert block.recomputes(35) == (recompute_from is not None) and not block.recomputes(34)
+        leaf = x.clone().requires_grad_()
+        y = block(leaf)
+        y.backward(grad)
+        runs.append((y.detach(), leaf.grad, {n: p.grad for n, p in block.named_parameters()}))
+    (y0, gx0, gp0), (y1, gx1, gp1) = runs
+    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    for name in gp0:
+        torch.testing.assert_close(gp1[name], gp0[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_recomputing_block_keeps_a_few_activations_for_backward():
+    """What autograd keeps for backward, in units of the block input: the storing block keeps over
+    ten, the recomputing one the gate, the scanned sequences, their dt/B/C projection (here the
+    same size), the merged scans and the entering states (half): 4.5; without gradients nothing
+    recomputes."""
+    x = torch.randn(2, 32, 32, 32, requires_grad=True)
+    unit = x.numel() * x.element_size()
+
+    def saved(recompute_from):
+        block = SerpentineBlock(32, d_state=16, headdim=32, chunk_size=64, recompute_from=recompute_from)
+        storages = {}
+
+        def pack(t):
+            # activations, not weights or indices, nor the input (which the caller holds anyway)
+            if t.numel() >= 1024 and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x)
+        return sum(storages.values()) / unit
+
+    assert saved(None) > 10
+    assert saved(1024) < 5
+    assert SerpentineBlock(32, d_state=16, headdim=32).recomputes(1024)
+    with torch.no_grad():
+        assert not SerpentineBlock(32, d_state=16, headdim=32).recomputes(10**6)
+    with pytest.raises(ValueError, match="recompute_from"):
+        SerpentineBlock(32, recompute_from=0)

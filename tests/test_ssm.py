@@ -9,9 +9,13 @@ from ssm_reference import ssm_reference
 
 from diffmodels.models.ssm import (
     SelectiveSSM,
+    _chunk_states,
+    _pass_states,
+    _pass_states_backward,
     decay,
     selective_scan_reference,
     ssd_chunked_scan,
+    ssd_scan,
 )
 
 
@@ -169,3 +173,94 @@ def test_layer_equals_a_float64_loop_over_time_heads_and_channels(gated, chunk_s
     ref = ssm_reference(layer, x, z)
     assert y.dtype == torch.float32
     assert _rel(y, ref) < 1e-5, _rel(y, ref)
+
+
+def _channel_major(x, dt, A, B, C):
+    """ssd_chunked_scan's (b, l, ...) inputs in ssd_scan's channel-major layout, as new leaves."""
+    return [t.detach().clone().requires_grad_() for t in (x.permute(0, 2, 3, 1), dt.transpose(1, 2), A,
+                                                          B.transpose(1, 2), C.transpose(1, 2))]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("chunk_size, length", [(7, 150), (16, 64), (64, 150), (200, 150)])
+@pytest.mark.parametrize("dtype, dt_range, tol", [
+    (torch.float64, (1e-3, 1.0), 1e-12),
+    (torch.float32, (1e-3, 1.0), 1e-5),
+    (torch.float32, (1e-4, 1e4), 1e-5),
+])
+def test_recomputed_scan_equals_the_stored_one(bidirectional, chunk_size, length, dtype, dt_range, tol):
+    """The recomputing scan (chunk groups, hand-written state backward) gives the stored scan's
+    output bit for bit and its gradients to rounding, with the skip term and an input scale, at
+    an odd length and with huge steps; and both equal the float64 loop."""
+    inputs = _inputs(2, length, 3, 4, 5, dtype=dtype, seed=11, dt_range=dt_range)
+    D = torch.tensor([0.5, -1.0, 2.0], dtype=dtype, requires_grad=True)
+    runs = []
+    for recompute in (False, True):
+        leaves = _channel_major(*inputs) + [D.detach().clone().requires_grad_()]
+        y, _ = ssd_scan(*leaves[:5], chunk_size=chunk_size, bidirectional=bidirectional, input_scale=0.7,
+                        D=leaves[5], recompute=recompute)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype))
+        runs.append((y.detach(), [t.grad for t in leaves]))
+    (y_stored, g_stored), (y_recomputed, g_recomputed) = runs
+    assert torch.equal(y_recomputed, y_stored)
+    for name, g, ref in zip(("x", "dt", "A", "B", "C", "D"), g_recomputed, g_stored):
+        assert _rel(g, ref.double()) < tol, name
+    x, dt, A, B, C = (t.double() for t in inputs)
+    loop = _bidirectional_reference(x, dt, A, B, C) if bidirectional else selective_scan_reference(x, dt, A, B, C)[0]
+    loop = 0.7 * loop + D.double().detach()[:, None] * x  # (b, l, h, p)
+    assert _rel(y_recomputed.permute(0, 3, 1, 2), loop) < tol
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gradcheck_recomputed_scan_over_several_chunk_groups(bidirectional):
+    """30 steps in chunks of 2: 15 chunks, so several groups and a partial last chunk's padding."""
+    x, dt, A, B, C = _channel_major(*_inputs(2, 29, 2, 2, 2, seed=12, dt_range=(0.1, 1.0)))
+    D = torch.tensor([0.3, -0.8], dtype=torch.float64, requires_grad=True)
+
+    def scan(*a):
+        return ssd_scan(*a[:5], chunk_size=2, bidirectional=bidirectional, input_scale=0.5, D=a[5], recompute=True)[0]
+
+    assert torch.autograd.gradcheck(scan, (x, dt, A, B, C, D))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_state_passing_backward_is_autograd_of_the_recurrence(bidirectional):
+    x, dt, A, B, C = _channel_major(*_inputs(2, 40, 3, 4, 5, seed=13))
+    a = (dt * A[:, None]).view(2, 3, 8, 5)
+    xdt = (x * dt[:, :, None]).view(2, 3, 4, 8, 5).transpose(2, 3)
+    states, chunk_decay = (t.detach().requires_grad_() for t in _chunk_states(a, xdt, B.view(2, 5, 8, 5).transpose(1, 2),
+                                                                                bidirectional))
+    h_in = _pass_states(states, chunk_decay, bidirectional, None)[0]
+    d_h_in = torch.randn(h_in.shape, dtype=h_in.dtype, generator=torch.Generator().manual_seed(4))
+    expected = torch.autograd.grad(h_in, (states, chunk_decay), d_h_in)
+    got = _pass_states_backward(h_in.detach().clone(), chunk_decay.detach(), d_h_in.clone(), bidirectional)
+    for g, ref in zip(got, expected):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_recomputed_scan_keeps_only_its_inputs_and_the_entering_states():
+    """The memory claim itself: the stored scan keeps several x-sized tensors for backward, the
+    recomputing one its inputs plus the states entering each chunk (here 2 n / Q = 0.5 of x)."""
+    x, dt, A, B, C = _channel_major(*_inputs(2, 256, 2, 16, 4, dtype=torch.float32, seed=14))
+    x_bytes = x.numel() * x.element_size()
+    inputs_bytes = sum(t.numel() * t.element_size() for t in (x, dt, A, B, C))
+
+    def run(recompute):
+        return _saved_bytes(lambda: ssd_scan(x, dt, A, B, C, chunk_size=16, bidirectional=True, recompute=recompute))
+
+    stored, recomputed = run(False), run(True)
+    assert stored > inputs_bytes + 4 * x_bytes
+    assert recomputed <= inputs_bytes + 0.5 * x_bytes + 4096

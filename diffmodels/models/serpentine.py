@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diffmodels.models.ssm import SelectiveSSM
 
@@ -182,6 +183,11 @@ class SerpentineBlock(nn.Module):
     x (B, C, H, W) -> same shape and dtype; any H, W >= 1. With ``directions >= 2`` every output
     position depends on every input position; with 1 the block is causal along its path (up to
     the conv's 3x3 reach).
+
+    ``recompute_from``: from this many grid positions up (None: never), a forward with gradients
+    keeps only the inputs of its three parts (x, the gate, the scanned sequences, the merged
+    scans) and recomputes the rest in backward, the scan a group of chunks at a time: a peak below
+    fused attention's, for 30-55% more time (docs/design.md#performance).
     """
 
     def __init__(
@@ -197,8 +203,12 @@ class SerpentineBlock(nn.Module):
         expand: int = 1,
         norm_groups: int = 32,
         corner: str = "tl",
+        recompute_from: int | None = 1024,
     ) -> None:
         super().__init__()
+        if recompute_from is not None and recompute_from < 1:
+            raise ValueError(f"recompute_from must be a number of grid positions >= 1 or None, got {recompute_from}")
+        self.recompute_from = recompute_from
         _check_choice("merge", merge, MERGES)
         if channels % norm_groups:
             raise ValueError(f"channels ({channels}) must be a multiple of norm_groups ({norm_groups})")
@@ -224,10 +234,32 @@ class SerpentineBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        u, z = self.in_proj(self.norm(x)).chunk(2, dim=1)  # (B, E, H, W) each
-        u = F.silu(self.conv(u))
-        y = self.ssm(scan(u, self.paths), bidirectional=self.bidirectional, scale=self._scale, skip=self._skip)
-        y = unscan_sum(y, self.paths, h, w)  # (B, L, E)
-        y = self.out_norm(y) * F.silu(z.flatten(2).transpose(1, 2))
-        y = self.out_proj(y).transpose(1, 2).view(b, c, h, w)
-        return (x + y).to(x.dtype)
+        if not self.recomputes(h * w):
+            u, z = self._inputs(x)
+            y = self.ssm(scan(u, self.paths), bidirectional=self.bidirectional, scale=self._scale, skip=self._skip)
+            y = self._outputs(unscan_sum(y, self.paths, h, w), z)  # (B, L, C)
+        else:
+            # Only the inputs of the three parts are kept for backward: x, z, the scanned sequences
+            # and the merged scan; everything between them is recomputed there.
+            u, z = checkpoint(self._inputs, x, True, use_reentrant=False)
+            y = self.ssm(scan(u, self.paths), bidirectional=self.bidirectional, scale=self._scale, skip=self._skip,
+                         recompute=True)
+            y = checkpoint(self._outputs, unscan_sum(y, self.paths, h, w), z, use_reentrant=False)
+        return (x + y.transpose(1, 2).view(b, c, h, w)).to(x.dtype)
+
+    def recomputes(self, positions: int) -> bool:
+        """Whether a forward over this many grid positions keeps its intermediates for backward
+        (False: the faster choice at small grids) or recomputes them there (True: from
+        ``recompute_from`` positions up, with gradients on, where stored activations would
+        outweigh attention's; docs/design.md#performance)."""
+        return self.recompute_from is not None and positions >= self.recompute_from and torch.is_grad_enabled()
+
+    def _inputs(self, x: Tensor, own_gate: bool = False) -> tuple[Tensor, Tensor]:
+        """Norm, in-projection, conv: the sequence input u and the gate z, (B, E, H, W) each.
+        ``own_gate``: z in its own storage, so that keeping it does not keep u's as well."""
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=1)
+        return F.silu(self.conv(u)), (z.clone() if own_gate else z)
+
+    def _outputs(self, y: Tensor, z: Tensor) -> Tensor:
+        """Output norm, gate and out-projection: (B, L, E) merged scans -> (B, L, C)."""
+        return self.out_proj(self.out_norm(y) * F.silu(z.flatten(2).transpose(1, 2)))

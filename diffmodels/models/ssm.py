@@ -106,11 +106,14 @@ def ssd_scan(
     input_scale: float = 1.0,
     initial_state: Tensor | None = None,
     return_state: bool = False,
+    D: Tensor | None = None,
+    recompute: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """The SSD scan in the channel-major layout the serpentine block holds its features in.
 
     x (b, h, p, l), dt (b, h, l) > 0, A (h,) < 0, B and C (b, n, l); initial_state (b, h, p, n),
-    causal scans only. Returns y (b, h, p, l), without the D skip term, times ``input_scale``; and
+    causal scans only. Returns y (b, h, p, l) times ``input_scale``, plus the skip term D x where
+    D (h,) is given; and
     the final state (b, h, p, n) when ``return_state`` (causal scans only), else None. y and the
     state are float32 (float64 for float64 inputs) whatever the input dtype or autocast state.
 
@@ -128,66 +131,252 @@ def ssd_scan(
     # Autocast would run the matmuls below in bf16/fp16; the decays exp(sum a) need float32.
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
-        b, h, p, l = x.shape
-        n = B.size(1)
+        l = x.size(-1)
         Q = min(chunk_size, l)  # a sequence shorter than a chunk is one chunk: no padding work
-        pad = (-l) % Q
-        if pad:
-            # dt = 0 on the padding: decay exp(0) = 1 and input dt*x = 0, so a state passes
-            # through unchanged in either direction and the padded outputs are cut off at the end.
-            x, dt, B, C = (F.pad(t, (0, pad)) for t in (x, dt, B, C))
-        c = (l + pad) // Q
-
-        a = dt * A[:, None]  # (b, h, L) log-decays, <= 0
-        xdt = x * (dt if input_scale == 1.0 else dt * input_scale)[:, :, None]  # (b, h, p, L)
-        # (b, h, c, p, Q), contiguous: both matmuls below would otherwise each copy (and save) it
-        xdt = xdt.view(b, h, p, c, Q).transpose(2, 3).contiguous()
-        B = B.view(b, n, c, Q).transpose(1, 2)  # (b, c, n, Q), shared by the heads
-        C = C.view(b, n, c, Q).transpose(1, 2)
-        # 1. within chunks: y_i = sum_j (C_i . B_j) exp(segment sum of a) dt_j x_j, one masked product.
-        mask = DecayMask.apply(a.view(b, h, c, Q), bidirectional)  # (b, h, c, Q, Q)
-        CB = C.transpose(-1, -2) @ B  # (b, c, Q, Q): C_i . B_j
-        W = CB[:, None] * mask  # (b, h, c, Q, Q)
-        if bidirectional:
-            W.diagonal(dim1=-2, dim2=-1).mul_(2)  # the diagonal belongs to both scans
-        y = xdt @ W.transpose(-1, -2)  # (b, h, c, p, Q)
-
-        state = None
-        if c > 1 or initial_state is not None or return_state:
-            P, R = _prefix_sums(a.view(b, h, c, Q))
-            # 2. each chunk's own states from a zero start: the forward one at its last position
-            # (decays P_{Q-1} - P_j), the backward one at its first (decays R_j).
-            total = P[..., -1:]  # (b, h, c, 1) log-decay over the whole chunk
-            to_end = [decay((total - P).to(dtype))] + ([decay(R.to(dtype))] if bidirectional else [])
-            Bd = torch.cat([B[:, None] * d[..., None, :] for d in to_end], dim=-2)  # (b, h, c, k*n, Q)
-            states = (xdt @ Bd.transpose(-1, -2)).unflatten(-1, (len(to_end), n))  # (b, h, c, p, k, n)
-            # 3. pass states between chunks; the backward states run over the chunks reversed.
-            chunk_decay = decay(total.to(dtype))  # (b, h, c, 1)
-            if bidirectional:
-                states = torch.cat([states[..., :1, :], states[..., 1:, :].flip(2)], dim=-2)
-                chunk_decay = torch.stack([chunk_decay, chunk_decay.flip(2)], dim=-1)  # (b, h, c, 1, 2)
-            else:
-                chunk_decay = chunk_decay[..., None]  # (b, h, c, 1, 1)
-            chunk_decay = chunk_decay[..., None]  # (b, h, c, 1, k, 1)
-            carry = x.new_zeros(b, h, p, len(to_end), n)
-            if initial_state is not None:
-                carry[..., 0, :] = initial_state.to(dtype)
-            entering = []
-            # unbind once: indexing states[:, :, k] in the loop would make backward O(c^2)
-            for decay_k, states_k in zip(chunk_decay.unbind(2), states.unbind(2)):
-                entering.append(carry)
-                carry = decay_k * carry + states_k
-            state = carry[..., 0, :]
-            h_in = torch.stack(entering, dim=2)  # (b, h, c, p, k, n) state entering each chunk
-            if bidirectional:
-                h_in = torch.cat([h_in[..., :1, :], h_in[..., 1:, :].flip(2)], dim=-2)
-            # 4. entering states to outputs: forward decays a_0 + .. + a_i = P_i, backward a_i + .. + a_{Q-1}.
-            from_edge = [decay(P.to(dtype))] + ([decay((total - R).to(dtype))] if bidirectional else [])
-            Cd = torch.cat([C[:, None] * d[..., None, :] for d in from_edge], dim=-2)  # (b, h, c, k*n, Q)
-            y = y + h_in.flatten(-2) @ Cd
-
-        y = y.transpose(2, 3).reshape(b, h, p, c * Q)[..., :l]  # (b, h, p, l)
+        if D is not None:
+            D = D.to(dtype)
+        if recompute and initial_state is None and not return_state and torch.is_grad_enabled():
+            return _RecomputedScan.apply(x, dt, A, B, C, D, Q, bidirectional, input_scale), None
+        a, xdt, B, C = _chunked(x, dt, A, B, C, Q, input_scale)
+        h_in = state = None
+        if a.size(2) > 1 or initial_state is not None or return_state:
+            h_in, state = _entering_states(a, xdt, B, bidirectional, initial_state)
+        y = _unchunked(_chunk_outputs(a, xdt, B, C, h_in, bidirectional), l)
+        if D is not None:
+            y = y + D[:, None, None] * x
     return y, (state if return_state else None)
+
+
+def _chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, Q: int, input_scale: float):
+    """The scan's inputs cut into chunks of Q: log-decays a (b, h, c, Q), dt x (b, h, c, p, Q),
+    B and C (b, c, n, Q). A last partial chunk is padded with dt = 0: decay exp(0) = 1 and input
+    dt x = 0, so a state passes through unchanged in either direction (the padded outputs are cut
+    off by :func:`_unchunked`)."""
+    b, h, p, l = x.shape
+    n = B.size(1)
+    pad = (-l) % Q
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, pad)) for t in (x, dt, B, C))
+    c = (l + pad) // Q
+    a = (dt * A[:, None]).view(b, h, c, Q)  # log-decays, <= 0
+    xdt = x * (dt if input_scale == 1.0 else dt * input_scale)[:, :, None]  # (b, h, p, L)
+    # (b, h, c, p, Q), contiguous: both matmuls of a chunk would otherwise each copy (and save) it
+    xdt = xdt.view(b, h, p, c, Q).transpose(2, 3).contiguous()
+    return a, xdt, B.view(b, n, c, Q).transpose(1, 2), C.view(b, n, c, Q).transpose(1, 2)
+
+
+def _unchunked(y: Tensor, l: int) -> Tensor:
+    """(b, h, c, p, Q) chunk outputs -> (b, h, p, l), the padding cut off."""
+    b, h, c, p, Q = y.shape
+    return y.transpose(2, 3).reshape(b, h, p, c * Q)[..., :l]
+
+
+def _entering_states(a: Tensor, xdt: Tensor, B: Tensor, bidirectional: bool, initial_state: Tensor | None):
+    """Steps 2 and 3: the state entering each chunk, h_in (b, h, c, p, k, n) with k = 2 for a
+    bidirectional scan (forward and backward state) else 1, and the final forward state (b, h, p, n).
+
+    Both work on one state per chunk (c of them), so they cost little next to the Q x Q products.
+    """
+    return _pass_states(*_chunk_states(a, xdt, B, bidirectional), bidirectional, initial_state)
+
+
+def _chunk_states(a: Tensor, xdt: Tensor, B: Tensor, bidirectional: bool) -> tuple[Tensor, Tensor]:
+    """Step 2, each chunk on its own: the states it leaves behind from a zero start (b, h, c, p, k, n),
+    the forward one at its last position (decays P_{Q-1} - P_j), the backward one at its first
+    (decays R_j); and its whole decay exp(a_0 + .. + a_{Q-1}) (b, h, c, 1)."""
+    n = B.size(-2)
+    dtype = xdt.dtype
+    P, R = _prefix_sums(a)
+    total = P[..., -1:]  # (b, h, c, 1) log-decay over the whole chunk
+    to_end = [decay((total - P).to(dtype))] + ([decay(R.to(dtype))] if bidirectional else [])
+    Bd = torch.cat([B[:, None] * d[..., None, :] for d in to_end], dim=-2)  # (b, h, c, k*n, Q)
+    states = (xdt @ Bd.transpose(-1, -2)).unflatten(-1, (len(to_end), n))  # (b, h, c, p, k, n)
+    return states, decay(total.to(dtype))
+
+
+def _pass_states(states: Tensor, chunk_decay: Tensor, bidirectional: bool, initial_state: Tensor | None):
+    """Step 3: states passed from chunk to chunk; the backward states run over the chunks reversed.
+    (h_in, final forward state), as :func:`_entering_states`."""
+    b, h, c, p, k, n = states.shape
+    states, chunk_decay = _run_order(states, bidirectional), _stream_decays(chunk_decay, bidirectional)
+    carry = states.new_zeros(b, h, p, k, n)
+    if initial_state is not None:
+        carry[..., 0, :] = initial_state.to(states.dtype)
+    entering = []
+    # unbind once: indexing states[:, :, k] in the loop would make backward O(c^2)
+    for decay_k, states_k in zip(chunk_decay.unbind(2), states.unbind(2)):
+        entering.append(carry)
+        carry = decay_k * carry + states_k
+    return _run_order(torch.stack(entering, dim=2), bidirectional), carry[..., 0, :]
+
+
+def _pass_states_backward(h_in: Tensor, chunk_decay: Tensor, d_h_in: Tensor, bidirectional: bool):
+    """Gradients of :func:`_pass_states` (no initial state, final state unused) by the reverse
+    recurrence: with carry_{i+1} = d_i carry_i + s_i and g_i the gradient of carry_i,
+    ds_i = g_{i+1}, dd_i = <g_{i+1}, carry_i> and g_i = dh_in_i + d_i g_{i+1} (g_c = 0).
+    Returns (d states, d chunk_decay) without building a graph over all chunks. Overwrites
+    h_in and d_h_in (put in run order in place, so that no copies of them are made)."""
+    entering, d_entering = _run_order_(h_in, bidirectional), _run_order_(d_h_in, bidirectional)
+    decays = _stream_decays(chunk_decay, bidirectional)  # (b, h, c, 1, k, 1)
+    b, h, c, p, k, n = entering.shape
+    d_states = torch.empty_like(entering)
+    d_decays = torch.empty_like(decays)
+    g = entering.new_zeros(b, h, p, k, n)
+    for i in reversed(range(c)):
+        d_states[:, :, i] = g
+        d_decays[:, :, i] = (g * entering[:, :, i]).sum((-3, -1), keepdim=True)
+        g = d_entering[:, :, i] + decays[:, :, i] * g
+    d_decays = d_decays[..., 0]  # (b, h, c, 1, k)
+    d_decay = d_decays[..., 0] + (d_decays[..., 1].flip(2) if bidirectional else 0)
+    return _run_order_(d_states, bidirectional), d_decay
+
+
+def _run_order_(t: Tensor, bidirectional: bool) -> Tensor:
+    """:func:`_run_order` in place."""
+    if bidirectional:
+        t[..., 1, :] = t[..., 1, :].flip(2)
+    return t
+
+
+def _run_order(t: Tensor, bidirectional: bool) -> Tensor:
+    """Per-chunk (b, h, c, p, k, n) tensors in the order step 3 runs them: the backward states
+    (k = 1) over the chunks reversed. Its own inverse."""
+    return torch.cat([t[..., :1, :], t[..., 1:, :].flip(2)], dim=-2) if bidirectional else t
+
+
+def _stream_decays(chunk_decay: Tensor, bidirectional: bool) -> Tensor:
+    """(b, h, c, 1) chunk decays -> (b, h, c, 1, k, 1), the backward stream's over the chunks reversed."""
+    if bidirectional:
+        return torch.stack([chunk_decay, chunk_decay.flip(2)], dim=-1)[..., None]
+    return chunk_decay[..., None, None]
+
+
+def _chunk_outputs(a: Tensor, xdt: Tensor, B: Tensor, C: Tensor, h_in: Tensor | None, bidirectional: bool) -> Tensor:
+    """Steps 1 and 4 for any run of chunks (each chunk on its own, given the state entering it):
+    y (b, h, c, p, Q). ``h_in`` None: no state enters (a single chunk from a zero start)."""
+    # 1. within chunks: y_i = sum_j (C_i . B_j) exp(segment sum of a) dt_j x_j, one masked product.
+    mask = DecayMask.apply(a, bidirectional)  # (b, h, c, Q, Q)
+    CB = C.transpose(-1, -2) @ B  # (b, c, Q, Q): C_i . B_j
+    W = CB[:, None] * mask  # (b, h, c, Q, Q)
+    if bidirectional:
+        W.diagonal(dim1=-2, dim2=-1).mul_(2)  # the diagonal belongs to both scans
+    y = xdt @ W.transpose(-1, -2)  # (b, h, c, p, Q)
+    if h_in is None:
+        return y
+    # 4. entering states to outputs: forward decays a_0 + .. + a_i = P_i, backward a_i + .. + a_{Q-1}.
+    P, R = _prefix_sums(a)
+    dtype = xdt.dtype
+    from_edge = [decay(P.to(dtype))] + ([decay((P[..., -1:] - R).to(dtype))] if bidirectional else [])
+    Cd = torch.cat([C[:, None] * d[..., None, :] for d in from_edge], dim=-2)  # (b, h, c, k*n, Q)
+    return y + h_in.flatten(-2) @ Cd
+
+
+# Chunk groups of the recomputed scan, whose Q x Q tensors exist for one group at a time: up to
+# RECOMPUTE_GROUPS of them, each of at least GROUP_MIN_CHUNKS chunks over all sequences and heads
+# (every group costs a fixed number of operations, so small scans are cut into fewer).
+RECOMPUTE_GROUPS = 4
+GROUP_MIN_CHUNKS = 16
+
+
+class _RecomputedScan(torch.autograd.Function):
+    """ssd_scan for training at long lengths: saves only its inputs, and recomputes the rest in
+    backward one group of chunks at a time (activation checkpointing by chunk groups).
+
+    The stored scan keeps about ten tensors the size of x for backward (the Q x Q masks and
+    products of step 1, the chunked inputs, the states). This one keeps its inputs and the
+    states entering the chunks (k n / Q times the size of x); its backward holds the tensors
+    of one chunk group at a time (:func:`_chunk_groups`):
+
+    1. the states entering each chunk (h_in), kept from forward;
+    2. steps 1 and 4 of each group, with autograd on that group's inputs alone: their gradients
+       and that of h_in;
+    3. the gradient of h_in back through step 3 (:func:`_pass_states_backward`), then through
+       step 2 of each group.
+
+    The forward value is the stored scan's bit for bit; gradients agree to rounding (the same
+    terms, summed in another order).
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, Q, bidirectional, input_scale):
+        ctx.Q, ctx.bidirectional, ctx.input_scale = Q, bidirectional, input_scale
+        a, xdt, Bc, Cc = _chunked(x, dt, A, B, C, Q, input_scale)
+        h_in = chunk_decay = None
+        if a.size(2) > 1:
+            states, chunk_decay = _chunk_states(a, xdt, Bc, bidirectional)
+            h_in = _pass_states(states, chunk_decay, bidirectional, None)[0]
+        # the entering states are kept: small (one per chunk), and backward needs them throughout
+        ctx.save_for_backward(x, dt, A, B, C, D, h_in, chunk_decay)
+        inner = (a, xdt, Bc, Cc, h_in)
+        y = torch.cat([_chunk_outputs(*(None if t is None else _chunks(t, dim, chunks) for t, dim in zip(inner, _CHUNK_DIM)),
+                                      bidirectional) for chunks in _chunk_groups(a.size(2), a.size(0) * a.size(1))], dim=2)
+        y = _unchunked(y, x.size(-1))
+        return y if D is None else y + D[:, None, None] * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, dt, A, B, C, D, h_in, chunk_decay = ctx.saved_tensors
+        Q, bidirectional, scale = ctx.Q, ctx.bidirectional, ctx.input_scale
+        groups = _chunk_groups(-(-x.size(-1) // Q), x.size(0) * x.size(1))
+        A = A.detach().requires_grad_()  # one leaf for all groups; its gradient is summed
+        # the skip term D x first: its gradient starts the one of x
+        dx = torch.zeros_like(x) if D is None else grad * D[:, None, None]
+        dD = None if D is None else (grad * x).sum((0, 2, 3))
+        d = {"x": dx, "dt": torch.zeros_like(dt), "A": torch.zeros_like(A), "B": torch.zeros_like(B), "C": torch.zeros_like(C)}
+
+        def positions(t: Tensor, chunks: slice) -> Tensor:
+            return t[..., chunks.start * Q:chunks.stop * Q]
+
+        def leaves(chunks: slice, *names: str) -> dict[str, Tensor]:
+            """The positions of a chunk group of the named inputs, as leaves of a new graph."""
+            given = {"x": x, "dt": dt, "B": B, "C": C}
+            return {k: A if k == "A" else positions(given[k].detach(), chunks).requires_grad_() for k in names}
+
+        def collect(chunks: slice, inputs: dict[str, Tensor], outputs, grad_outputs) -> list[Tensor]:
+            """Gradients of the group's inputs added to the totals; those of any extra leaves returned."""
+            names = [k for k in inputs if k in d]
+            grads = torch.autograd.grad(outputs, list(inputs.values()), grad_outputs)
+            for k, g in zip(names, grads):
+                (d[k] if k == "A" else positions(d[k], chunks)).add_(g)
+            return list(grads[len(names):])
+
+        if h_in is not None:
+            d_h_in = torch.empty_like(h_in)
+        for chunks in groups:  # 2. steps 1 and 4, a group at a time
+            g = leaves(chunks, "x", "dt", "A", "B", "C")
+            if h_in is not None:
+                g["h_in"] = h_in.detach()[:, :, chunks].requires_grad_()
+            with torch.enable_grad():
+                y = _chunk_outputs(*_chunked(g["x"], g["dt"], A, g["B"], g["C"], Q, scale), g.get("h_in"), bidirectional)
+                y = _unchunked(y, g["x"].size(-1))
+            extra = collect(chunks, g, y, positions(grad, chunks))
+            if h_in is not None:
+                d_h_in[:, :, chunks] = extra[0]
+        if h_in is not None:  # 3. back through step 3, then step 2 of each group
+            # (h_in cloned: the saved one must survive a second backward with retain_graph)
+            d_states, d_decay = _pass_states_backward(h_in.clone(), chunk_decay, d_h_in, bidirectional)
+            del d_h_in
+            for chunks in groups:
+                g = leaves(chunks, "x", "dt", "A", "B")
+                with torch.enable_grad():
+                    a, xdt, Bc, _ = _chunked(g["x"], g["dt"], A, g["B"], g["B"], Q, scale)
+                    local = _chunk_states(a, xdt, Bc, bidirectional)
+                collect(chunks, g, local, (d_states[:, :, chunks], d_decay[:, :, chunks]))
+        return d["x"], d["dt"], d["A"], d["B"], d["C"], dD, None, None, None
+
+
+# where the chunks are in a (b, h, c, Q), xdt (b, h, c, p, Q), B and C (b, c, n, Q), h_in (b, h, c, p, k, n)
+_CHUNK_DIM = (2, 2, 1, 1, 2)
+
+
+def _chunk_groups(c: int, sequences: int) -> list[slice]:
+    """Runs of consecutive chunks covering all c, for ``sequences`` (batch x heads) scanned at once."""
+    size = -(-c // max(1, min(c, RECOMPUTE_GROUPS, sequences * c // GROUP_MIN_CHUNKS)))
+    return [slice(s, min(s + size, c)) for s in range(0, c, size)]
+
+
+def _chunks(t: Tensor, dim: int, chunks: slice) -> Tensor:
+    return t[(slice(None),) * dim + (chunks,)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -225,8 +414,8 @@ class DecayMask(torch.autograd.Function):
         P, R = _prefix_sums(a)
         lower = _lower(Q, a.device)
         log_mask = P[..., :, None] - P[..., None, :]
-        if bidirectional:
-            log_mask = torch.where(lower, log_mask, R[..., None, :] - R[..., :, None])
+        if bidirectional:  # lower triangle from P, strict upper from R, with one temporary Q x Q
+            log_mask = log_mask.tril_().add_((R[..., None, :] - R[..., :, None]).triu_(1))
             mask = torch.exp(log_mask.to(a.dtype).clamp_min_(_floor(a.dtype)))
         else:
             mask = decay(log_mask.masked_fill_(~lower, -math.inf).to(a.dtype))
@@ -317,10 +506,19 @@ class SelectiveSSM(nn.Module):
         self.D = nn.Parameter(torch.ones(self.nheads))
 
     def forward(
-        self, x: Tensor, z: Tensor | None = None, *, bidirectional: bool = False, scale: float = 1.0, skip: float = 1.0
+        self,
+        x: Tensor,
+        z: Tensor | None = None,
+        *,
+        bidirectional: bool = False,
+        scale: float = 1.0,
+        skip: float = 1.0,
+        recompute: bool = False,
     ) -> Tensor:
         """y = scale * scan(x) + skip * D x (then the gate): ``scale`` and ``skip`` let a caller that
-        sums several scans of one input form their mean without another pass over the outputs."""
+        sums several scans of one input form their mean without another pass over the outputs.
+        ``recompute``: the scan keeps no intermediates for backward and recomputes them there, a
+        group of chunks at a time (:func:`ssd_scan`); same values, less memory, more time."""
         b, d_inner, l = x.shape
         # bmm, not matmul: matmul folds (k, d) @ (b, d, l) into one 2-D product over a transposed
         # copy of x, which it then keeps for backward beside x itself.
@@ -329,8 +527,13 @@ class SelectiveSSM(nn.Module):
         dt = F.softplus(dt.to(_scan_dtype(x.dtype)) + self.dt_bias[:, None])  # (b, h, l), never in bf16
         A = -torch.exp(self.A_log.to(dt.dtype))  # (h,) strictly negative, float32 (float64 for float64 input)
         xh = x.view(b, self.nheads, self.headdim, l)  # (b, h, p, l)
-        y, _ = ssd_scan(xh, dt, A, B, C, chunk_size=self.chunk_size, bidirectional=bidirectional, input_scale=scale)
-        y = y + (skip * self.D)[:, None, None] * xh.to(y.dtype)
+        skip_D = skip * self.D
+        # A recomputing scan adds the skip term itself: its gradient then starts the one of x in
+        # place, where autograd would hold it as one more x-sized tensor until the scan's arrives.
+        y, _ = ssd_scan(xh, dt, A, B, C, chunk_size=self.chunk_size, bidirectional=bidirectional, input_scale=scale,
+                        D=skip_D if recompute else None, recompute=recompute)
+        if not recompute:
+            y = y + skip_D[:, None, None] * xh.to(y.dtype)
         y = y.view(b, d_inner, l)
         if z is not None:
             y = y * F.silu(z.to(y.dtype))
