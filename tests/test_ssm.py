@@ -264,3 +264,20 @@ def test_recomputed_scan_keeps_only_its_inputs_and_the_entering_states():
     stored, recomputed = run(False), run(True)
     assert stored > inputs_bytes + 4 * x_bytes
     assert recomputed <= inputs_bytes + 0.5 * x_bytes + 4096
+
+
+def test_recomputed_scan_backward_inside_autocast_stays_float32():
+    """Recomputation in backward must not run its matmuls in bf16 when backward is called inside
+    an autocast region. (The stored scan's backward follows autocast there, as any autograd graph
+    does; the project's loops call backward outside autocast, as PyTorch advises.)"""
+    inputs = _inputs(2, 100, 2, 4, 3, dtype=torch.float32, seed=15)
+
+    def grads(recompute, autocast):
+        leaves = _channel_major(*inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, _ = ssd_scan(*leaves, chunk_size=16, bidirectional=True, recompute=recompute)
+            y.backward(torch.ones_like(y))
+        return [t.grad for t in leaves]
+
+    for g, ref in zip(grads(True, True), grads(False, False)):
+        assert g.dtype == torch.float32 and _rel(g, ref.double()) < 1e-5  # bf16 would give ~3e-3

@@ -315,6 +315,12 @@ class _RecomputedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # float32 recomputation as in forward, even where backward runs inside an autocast region
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            return _RecomputedScan._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         x, dt, A, B, C, D, h_in, chunk_decay = ctx.saved_tensors
         Q, bidirectional, scale = ctx.Q, ctx.bidirectional, ctx.input_scale
         groups = _chunk_groups(-(-x.size(-1) // Q), x.size(0) * x.size(1))
