@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from memory_support import saved_bytes
 from ssm_reference import serpentine_reference, snake_path
 from torch import nn
 
@@ -241,17 +242,8 @@ def test_recomputing_block_keeps_a_few_activations_for_backward():
 
     def saved(recompute_from):
         block = SerpentineBlock(32, d_state=16, headdim=32, chunk_size=64, recompute_from=recompute_from)
-        storages = {}
-
-        def pack(t):
-            # activations, not weights or indices, nor the input (which the caller holds anyway)
-            if t.numel() >= 1024 and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            block(x)
-        return sum(storages.values()) / unit
+        # activations, not weights or indices, nor the input (which the caller holds anyway)
+        return saved_bytes(lambda: block(x), ignore=(x,), min_numel=1024) / unit
 
     assert saved(None) > 10
     assert saved(1024) < 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from memory_support import saved_bytes
 from ssm_reference import ssm_reference
 
 from diffmodels.models.ssm import (
@@ -238,19 +239,6 @@ def test_state_passing_backward_is_autograd_of_the_recurrence(bidirectional):
         torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_recomputed_scan_keeps_only_its_inputs_and_the_entering_states():
     """The memory claim itself: the stored scan keeps several x-sized tensors for backward, the
     recomputing one its inputs plus the states entering each chunk (here 2 n / Q = 0.5 of x)."""
@@ -259,7 +247,7 @@ def test_recomputed_scan_keeps_only_its_inputs_and_the_entering_states():
     inputs_bytes = sum(t.numel() * t.element_size() for t in (x, dt, A, B, C))
 
     def run(recompute):
-        return _saved_bytes(lambda: ssd_scan(x, dt, A, B, C, chunk_size=16, bidirectional=True, recompute=recompute))
+        return saved_bytes(lambda: ssd_scan(x, dt, A, B, C, chunk_size=16, bidirectional=True, recompute=recompute))
 
     stored, recomputed = run(False), run(True)
     assert stored > inputs_bytes + 4 * x_bytes

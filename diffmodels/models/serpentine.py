@@ -234,17 +234,14 @@ class SerpentineBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        if not self.recomputes(h * w):
-            u, z = self._inputs(x)
-            y = self.ssm(scan(u, self.paths), bidirectional=self.bidirectional, scale=self._scale, skip=self._skip)
-            y = self._outputs(unscan_sum(y, self.paths, h, w), z)  # (B, L, C)
-        else:
-            # Only the inputs of the three parts are kept for backward: x, z, the scanned sequences
-            # and the merged scan; everything between them is recomputed there.
-            u, z = checkpoint(self._inputs, x, True, use_reentrant=False)
-            y = self.ssm(scan(u, self.paths), bidirectional=self.bidirectional, scale=self._scale, skip=self._skip,
-                         recompute=True)
-            y = checkpoint(self._outputs, unscan_sum(y, self.paths, h, w), z, use_reentrant=False)
+        recompute = self.recomputes(h * w)
+        # Recomputing, only the inputs of the three parts are kept for backward: x, z, the scanned
+        # sequences and the merged scan; everything between them is recomputed there.
+        part = functools.partial(checkpoint, use_reentrant=False) if recompute else _call
+        u, z = part(self._inputs, x, recompute)
+        y = self.ssm(scan(u, self.paths), bidirectional=self.bidirectional, scale=self._scale, skip=self._skip,
+                     recompute=recompute)
+        y = part(self._outputs, unscan_sum(y, self.paths, h, w), z)  # (B, L, C)
         return (x + y.transpose(1, 2).view(b, c, h, w)).to(x.dtype)
 
     def recomputes(self, positions: int) -> bool:
@@ -263,3 +260,7 @@ class SerpentineBlock(nn.Module):
     def _outputs(self, y: Tensor, z: Tensor) -> Tensor:
         """Output norm, gate and out-projection: (B, L, E) merged scans -> (B, L, C)."""
         return self.out_proj(self.out_norm(y) * F.silu(z.flatten(2).transpose(1, 2)))
+
+
+def _call(fn, *args):
+    return fn(*args)

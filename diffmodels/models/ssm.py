@@ -147,22 +147,23 @@ def ssd_scan(
     return y, (state if return_state else None)
 
 
-def _chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, Q: int, input_scale: float):
+def _chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor | None, Q: int, input_scale: float):
     """The scan's inputs cut into chunks of Q: log-decays a (b, h, c, Q), dt x (b, h, c, p, Q),
-    B and C (b, c, n, Q). A last partial chunk is padded with dt = 0: decay exp(0) = 1 and input
+    B and C (b, c, n, Q; C None stays None). A last partial chunk is padded with dt = 0: decay exp(0) = 1 and input
     dt x = 0, so a state passes through unchanged in either direction (the padded outputs are cut
     off by :func:`_unchunked`)."""
     b, h, p, l = x.shape
     n = B.size(1)
     pad = (-l) % Q
     if pad:
-        x, dt, B, C = (F.pad(t, (0, pad)) for t in (x, dt, B, C))
+        x, dt, B, C = (None if t is None else F.pad(t, (0, pad)) for t in (x, dt, B, C))
     c = (l + pad) // Q
     a = (dt * A[:, None]).view(b, h, c, Q)  # log-decays, <= 0
     xdt = x * (dt if input_scale == 1.0 else dt * input_scale)[:, :, None]  # (b, h, p, L)
     # (b, h, c, p, Q), contiguous: both matmuls of a chunk would otherwise each copy (and save) it
     xdt = xdt.view(b, h, p, c, Q).transpose(2, 3).contiguous()
-    return a, xdt, B.view(b, n, c, Q).transpose(1, 2), C.view(b, n, c, Q).transpose(1, 2)
+    B, C = (None if t is None else t.view(b, n, c, Q).transpose(1, 2) for t in (B, C))
+    return a, xdt, B, C
 
 
 def _unchunked(y: Tensor, l: int) -> Tensor:
@@ -308,8 +309,8 @@ class _RecomputedScan(torch.autograd.Function):
         # the entering states are kept: small (one per chunk), and backward needs them throughout
         ctx.save_for_backward(x, dt, A, B, C, D, h_in, chunk_decay)
         inner = (a, xdt, Bc, Cc, h_in)
-        y = torch.cat([_chunk_outputs(*(None if t is None else _chunks(t, dim, chunks) for t, dim in zip(inner, _CHUNK_DIM)),
-                                      bidirectional) for chunks in _chunk_groups(a.size(2), a.size(0) * a.size(1))], dim=2)
+        y = torch.cat([_chunk_outputs(*_group(inner, chunks), bidirectional)
+                       for chunks in _chunk_groups(a.size(2), a.size(0) * a.size(1))], dim=2)
         y = _unchunked(y, x.size(-1))
         return y if D is None else y + D[:, None, None] * x
 
@@ -365,7 +366,7 @@ class _RecomputedScan(torch.autograd.Function):
             for chunks in groups:
                 g = leaves(chunks, "x", "dt", "A", "B")
                 with torch.enable_grad():
-                    a, xdt, Bc, _ = _chunked(g["x"], g["dt"], A, g["B"], g["B"], Q, scale)
+                    a, xdt, Bc, _ = _chunked(g["x"], g["dt"], A, g["B"], None, Q, scale)
                     local = _chunk_states(a, xdt, Bc, bidirectional)
                 collect(chunks, g, local, (d_states[:, :, chunks], d_decay[:, :, chunks]))
         return d["x"], d["dt"], d["A"], d["B"], d["C"], dD, None, None, None
@@ -381,8 +382,9 @@ def _chunk_groups(c: int, sequences: int) -> list[slice]:
     return [slice(s, min(s + size, c)) for s in range(0, c, size)]
 
 
-def _chunks(t: Tensor, dim: int, chunks: slice) -> Tensor:
-    return t[(slice(None),) * dim + (chunks,)]
+def _group(inner: tuple[Tensor | None, ...], chunks: slice) -> list[Tensor | None]:
+    """(a, xdt, B, C, h_in) of a run of chunks, as views (None stays None)."""
+    return [None if t is None else t[(slice(None),) * dim + (chunks,)] for t, dim in zip(inner, _CHUNK_DIM)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -533,13 +535,10 @@ class SelectiveSSM(nn.Module):
         dt = F.softplus(dt.to(_scan_dtype(x.dtype)) + self.dt_bias[:, None])  # (b, h, l), never in bf16
         A = -torch.exp(self.A_log.to(dt.dtype))  # (h,) strictly negative, float32 (float64 for float64 input)
         xh = x.view(b, self.nheads, self.headdim, l)  # (b, h, p, l)
-        skip_D = skip * self.D
-        # A recomputing scan adds the skip term itself: its gradient then starts the one of x in
+        # The scan adds the skip term itself: recomputing, its gradient then starts the one of x in
         # place, where autograd would hold it as one more x-sized tensor until the scan's arrives.
         y, _ = ssd_scan(xh, dt, A, B, C, chunk_size=self.chunk_size, bidirectional=bidirectional, input_scale=scale,
-                        D=skip_D if recompute else None, recompute=recompute)
-        if not recompute:
-            y = y + skip_D[:, None, None] * xh.to(y.dtype)
+                        D=skip * self.D, recompute=recompute)
         y = y.view(b, d_inner, l)
         if z is not None:
             y = y * F.silu(z.to(y.dtype))
